@@ -1,0 +1,20 @@
+# mmreparam — the README's two commands are `make demo` and `make test`.
+# Each bootstraps the pinned environment in .venv on first use (tools/bootstrap.sh).
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: env test test-all clean-env
+
+env:
+	@bash tools/bootstrap.sh
+
+# The default suite (what CI runs): unit, property and small end-to-end tests.
+test: env
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Everything, including the tests marked slow.
+test-all: env
+	$(PY) -m pytest tests -m "" $(PYTEST_ARGS)
+
+clean-env:
+	rm -rf .venv

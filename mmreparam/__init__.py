@@ -1,0 +1,16 @@
+"""mmreparam: structural re-parameterization for OpenMMLab.
+
+Importing the package registers its modules in the ``mmreparam`` registry scope and lets
+mmengine's own checkpoints reload under ``torch.load(weights_only=True)`` (see
+:mod:`mmreparam.checkpoint.safe_load`).
+"""
+from .checkpoint import register_safe_globals
+from .version import __version__
+
+register_safe_globals()
+
+from . import models  # noqa: E402,F401  (registers the blocks)
+from .apis import fold, fold_error  # noqa: E402
+from .registry import HOOKS, MODELS  # noqa: E402
+
+__all__ = ['__version__', 'fold', 'fold_error', 'MODELS', 'HOOKS']

@@ -1,0 +1,127 @@
+"""Safe checkpoint loading: torch's ``weights_only`` unpickler with a minimal allow-list.
+
+torch >= 2.6 loads with ``weights_only=True`` by default, and mmengine 0.10.7 relies on that
+default, so mmengine's own checkpoints (which pickle ``HistoryBuffer`` objects and numpy
+arrays in the message hub) fail to reload in ``tools/test.py`` and ``--resume``.
+:func:`register_safe_globals`, run when mmreparam is imported, allow-lists exactly the
+objects those checkpoints contain. ``weights_only`` stays on: a checkpoint whose pickle would
+call anything else (``os.system``, ``eval``, ...) is still refused.
+
+``HistoryBuffer`` pickles its statistic methods as ``getattr(HistoryBuffer, 'min')`` (pickle
+protocol 2 cannot name a method directly), so torch asks for ``builtins.getattr``. Allowing
+the real ``getattr`` would let a checkpoint reach any attribute of any object it can build;
+instead ``builtins.getattr`` is mapped to :func:`_restricted_getattr`, which returns only
+those four methods of ``HistoryBuffer`` and refuses everything else.
+"""
+import _codecs
+import io
+import os
+import pickle
+from typing import Any, Union
+
+import numpy as np
+import torch
+from mmengine.logging.history_buffer import HistoryBuffer
+
+_HISTORY_BUFFER_METHODS = frozenset({'min', 'max', 'mean', 'current'})
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read: truncated, not a checkpoint, or unexpected content."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint's pickle asks for code outside the allow-list; it was not loaded."""
+
+
+def _restricted_getattr(obj: Any, name: str) -> Any:
+    """``getattr`` for unpickling: only ``HistoryBuffer``'s statistic methods."""
+    if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'refused getattr({obj!r}, {name!r}): mmreparam only allows '
+        f'getattr(HistoryBuffer, {sorted(_HISTORY_BUFFER_METHODS)})')
+
+
+def _numpy_globals() -> list:
+    """numpy reconstructors and types, under both numpy 1.x and 2.x module paths."""
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    reconstruct = multiarray._reconstruct
+    scalar = multiarray.scalar
+    entries = [np.ndarray, np.dtype]
+    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+        entries += [(reconstruct, f'{module}._reconstruct'), (scalar, f'{module}.scalar')]
+    # dtype classes (numpy >= 1.25 pickles dtypes as numpy.dtypes.Float64DType etc.)
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:
+        entries += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith('DType')]
+    return entries
+
+
+def safe_globals() -> list:
+    """The allow-list mmreparam adds to torch's ``weights_only`` unpickler."""
+    return [HistoryBuffer, (_restricted_getattr, 'builtins.getattr'),
+            (_codecs.encode, '_codecs.encode'), *_numpy_globals()]
+
+
+def register_safe_globals() -> None:
+    """Allow mmengine's own checkpoints through ``torch.load(weights_only=True)``.
+
+    Idempotent; called when mmreparam is imported.
+    """
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        entries = safe_globals()
+    torch.serialization.add_safe_globals(entries)
+
+
+def _describe(source: Union[str, os.PathLike, io.IOBase]) -> str:
+    return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else 'stream'
+
+
+def safe_load(source: Union[str, os.PathLike, io.IOBase]) -> Any:
+    """Load a checkpoint on the CPU with the ``weights_only`` unpickler.
+
+    Args:
+        source (str | PathLike | file): The checkpoint.
+
+    Returns:
+        The unpickled object (usually a dict).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        UnsafeCheckpointError: The pickle asks for a global outside the allow-list.
+        CheckpointError: The file is truncated, empty or not a PyTorch checkpoint.
+    """
+    name = _describe(source)
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.exists(source):
+            raise FileNotFoundError(f'checkpoint {name} does not exist')
+        if os.path.isdir(source):
+            raise CheckpointError(f'checkpoint {name} is a directory, not a file')
+        if os.path.getsize(source) == 0:
+            raise CheckpointError(f'checkpoint {name} is empty')
+    register_safe_globals()
+    try:
+        return torch.load(source, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        for marker in ('Unsupported global', 'unrecognized function', 'Can only',
+                       'refused getattr', 'blocked'):
+            if marker in text:
+                detail = next((line.strip() for line in text.splitlines()
+                               if marker in line), text)
+                raise UnsafeCheckpointError(
+                    f'refused to load checkpoint {name}: its pickle asks for code that is '
+                    f'not allowed ({detail})') from err
+        raise CheckpointError(f'checkpoint {name} is not a readable PyTorch checkpoint '
+                              f'(truncated or another format): {text.splitlines()[0]}'
+                              ) from err
+    except Exception as err:  # the unpickler fails in many ways on foreign bytes
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f'checkpoint {name} is not a readable PyTorch checkpoint '
+                              f'(truncated or another format): {first}') from err

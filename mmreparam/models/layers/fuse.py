@@ -1,0 +1,258 @@
+"""The fold math: pure tensor functions (kernel, bias in -> kernel, bias out).
+
+Every function follows the dtype and device of its tensor inputs and is differentiable, so a
+block's ``get_equivalent_kernel_bias()`` can be used in training code as well as at fold time.
+Kernels use PyTorch's layout ``(out_channels, in_channels // groups, kh, kw)`` and PyTorch's
+convolution, which is a cross-correlation.
+"""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+KernelBias = Tuple[Tensor, Tensor]
+Size2 = Union[int, Tuple[int, int]]
+
+
+def _pair(size: Size2) -> Tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def fuse_bn(kernel: Tensor, bn: _BatchNorm, bias: Optional[Tensor] = None) -> KernelBias:
+    """Fold an eval-mode BatchNorm that follows a convolution into its kernel and bias.
+
+    ``BN(conv(x, kernel) + bias)`` equals ``conv(x, k') + b'`` with
+    ``k' = kernel * gamma / std`` and ``b' = beta + (bias - mean) * gamma / std``.
+    Works for any ``_BatchNorm`` (BN, SyncBN, ...), affine or not. Uses the running
+    statistics, i.e. the eval-mode function of the BN.
+
+    Args:
+        kernel (Tensor): Convolution kernel, ``(C_out, C_in/g, kh, kw)``.
+        bn (_BatchNorm): The BatchNorm over ``C_out`` channels.
+        bias (Tensor, optional): Bias of the convolution. Defaults to None (zero).
+
+    Returns:
+        tuple[Tensor, Tensor]: The fused kernel and bias.
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f'{type(bn).__name__} has no running statistics '
+                         '(track_running_stats=False): it has no eval-mode function to fold')
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std if bn.affine else 1.0 / std
+    shift = bn.bias if bn.affine else torch.zeros_like(std)
+    mean = bn.running_mean if bias is None else bn.running_mean - bias
+    fused_kernel = kernel * scale.to(kernel.dtype).reshape(-1, 1, 1, 1)
+    fused_bias = shift - mean * scale
+    return fused_kernel, fused_bias.to(kernel.dtype)
+
+
+def bn_pad_value(bn: _BatchNorm) -> Tensor:
+    """The output of an eval-mode BatchNorm for a zero input: ``beta - mean * gamma / std``.
+
+    Padding a BN's output with this value makes ``pad(BN(y))`` equal ``BN(pad(y))``, which
+    keeps a 1x1 -> BN -> kxk chain foldable into one kxk convolution.
+    """
+    std = (bn.running_var + bn.eps).sqrt()
+    if bn.affine:
+        return bn.bias - bn.running_mean * bn.weight / std
+    return -bn.running_mean / std
+
+
+def pad_kernel(kernel: Tensor, size: Size2) -> Tensor:
+    """Zero-pad a kernel symmetrically to a larger spatial ``size`` (centred).
+
+    A ``1x1`` kernel becomes a ``kxk`` kernel with the weight at the centre; a ``1xk`` kernel
+    becomes ``kxk`` with the weights on the middle row. The centred kernel computes the same
+    function when the convolution's padding grows by the same amount.
+    """
+    kh, kw = kernel.shape[-2:]
+    th, tw = _pair(size)
+    dh, dw = th - kh, tw - kw
+    if dh < 0 or dw < 0 or dh % 2 or dw % 2:
+        raise ValueError(f'cannot centre a {kh}x{kw} kernel in {th}x{tw}: the target must be '
+                         'at least as large and differ by an even number of taps per side')
+    return F.pad(kernel, [dw // 2, dw // 2, dh // 2, dh // 2])
+
+
+def identity_kernel(channels: int, kernel_size: Size2 = 1, groups: int = 1, *,
+                    in_channels: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                    device: Optional[torch.device] = None) -> Tensor:
+    """The kernel of the identity map for a grouped convolution.
+
+    Args:
+        channels (int): Output channels.
+        kernel_size (int | tuple): Spatial size; the 1 sits at the centre tap.
+        groups (int): Groups.
+        in_channels (int, optional): Input channels; None means ``channels`` (a true
+            identity). With more outputs than inputs, output ``c`` copies in-group input
+            ``c % (in_channels // groups)`` (OREPA's identity for its widened 1x1).
+
+    Returns:
+        Tensor: ``(channels, in_channels // groups, kh, kw)`` with a 1 at the centre tap of
+        output channel ``c`` and in-group input channel ``c % (in_channels // groups)``.
+    """
+    kh, kw = _pair(kernel_size)
+    in_channels = channels if in_channels is None else in_channels
+    if channels % groups or in_channels % groups:
+        raise ValueError(f'channels ({channels}, {in_channels}) must be divisible by groups '
+                         f'({groups})')
+    in_per_group = in_channels // groups
+    kernel = torch.zeros(channels, in_per_group, kh, kw, dtype=dtype, device=device)
+    index = torch.arange(channels, device=device)
+    kernel[index, index % in_per_group, kh // 2, kw // 2] = 1
+    return kernel
+
+
+def avg_kernel(channels: int, kernel_size: Size2, groups: int = 1, *,
+               dtype: Optional[torch.dtype] = None,
+               device: Optional[torch.device] = None) -> Tensor:
+    """The kernel of a ``kxk`` average pooling (``count_include_pad=True``) as a convolution.
+
+    Returns:
+        Tensor: ``(channels, channels // groups, kh, kw)``: ``1 / (kh * kw)`` at every tap
+        of each channel's own input, zero elsewhere.
+    """
+    kh, kw = _pair(kernel_size)
+    return identity_kernel(channels, 1, groups, dtype=dtype, device=device).expand(
+        -1, -1, kh, kw) / (kh * kw)
+
+
+def merge_1x1_kxk(kernel1: Tensor, bias1: Optional[Tensor], kernel2: Tensor,
+                  bias2: Optional[Tensor], groups: int = 1) -> KernelBias:
+    """Fold a ``1x1`` convolution followed by a ``kxk`` convolution into one ``kxk``.
+
+    Exact when the intermediate feature map is padded with ``bias1`` (not zeros) before the
+    ``kxk`` convolution, as DBB's BN-and-pad layer does; with zero bias it is always exact.
+
+    Args:
+        kernel1 (Tensor): ``(C_mid, C_in/g, 1, 1)`` (or ``(C_mid, C_in/g)``).
+        bias1 (Tensor | None): ``(C_mid,)``.
+        kernel2 (Tensor): ``(C_out, C_mid/g, k, k)``.
+        bias2 (Tensor | None): ``(C_out,)``.
+        groups (int): Groups shared by both convolutions. Defaults to 1.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``(C_out, C_in/g, k, k)`` kernel and ``(C_out,)`` bias.
+    """
+    k1 = kernel1.reshape(kernel1.shape[0], kernel1.shape[1])
+    c_mid, c_in_g = k1.shape
+    c_out, c_mid_g, kh, kw = kernel2.shape
+    if c_mid != c_mid_g * groups:
+        raise ValueError(f'1x1 kernel gives {c_mid} channels but the kxk kernel takes '
+                         f'{c_mid_g} x {groups} groups')
+    # Per group: K[o, i, :, :] = sum_m K2[o, m, :, :] * K1[m, i].
+    k1_g = k1.reshape(groups, c_mid // groups, c_in_g)
+    k2_g = kernel2.reshape(groups, c_out // groups, c_mid_g, kh * kw)
+    kernel = torch.einsum('gmi,gomk->goik', k1_g, k2_g).reshape(c_out, c_in_g, kh, kw)
+    bias = torch.zeros(c_out, dtype=kernel2.dtype, device=kernel2.device)
+    if bias1 is not None:
+        b1_g = bias1.reshape(groups, 1, c_mid_g, 1)
+        bias = bias + (k2_g * b1_g).sum(dim=(2, 3)).reshape(c_out)
+    if bias2 is not None:
+        bias = bias + bias2
+    return kernel, bias
+
+
+def merge_1x1_depthwise(kernel1: Tensor, bias1: Optional[Tensor], dw_kernel: Tensor,
+                        dw_bias: Optional[Tensor]) -> KernelBias:
+    """Fold a (grouped) ``1x1`` convolution followed by a per-channel ``kxk`` kernel.
+
+    Exact under the same padding condition as :func:`merge_1x1_kxk`.
+
+    Args:
+        kernel1 (Tensor): ``(C, C_in/g, 1, 1)``.
+        bias1 (Tensor | None): ``(C,)``.
+        dw_kernel (Tensor): ``(C, 1, k, k)``, one kernel per channel.
+        dw_bias (Tensor | None): ``(C,)``.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``(C, C_in/g, k, k)`` kernel and ``(C,)`` bias.
+    """
+    kernel = kernel1 * dw_kernel
+    bias = torch.zeros(kernel.shape[0], dtype=kernel.dtype, device=kernel.device)
+    if bias1 is not None:
+        bias = bias + bias1 * dw_kernel.sum(dim=(1, 2, 3))
+    if dw_bias is not None:
+        bias = bias + dw_bias
+    return kernel, bias
+
+
+def dw_pw_to_full(dw_kernel: Tensor, pw_kernel: Tensor, in_channels: int,
+                  groups: int = 1) -> Tensor:
+    """Fold a depthwise ``kxk`` convolution followed by a pointwise ``1x1`` into one kernel.
+
+    The depthwise convolution has ``groups = C_in`` and a channel multiplier ``m``
+    (``C_in * m`` output channels, ``m`` consecutive filters per input channel); the pointwise
+    convolution maps those ``C_in * m`` channels to ``C_out`` with ``groups``.
+
+    Args:
+        dw_kernel (Tensor): ``(C_in * m, 1, k, k)``.
+        pw_kernel (Tensor): ``(C_out, C_in * m / g, 1, 1)``.
+        in_channels (int): ``C_in``.
+        groups (int): Groups of the pointwise (and of the result). Defaults to 1.
+
+    Returns:
+        Tensor: ``(C_out, C_in / g, k, k)``.
+    """
+    c_dw, _, kh, kw = dw_kernel.shape
+    c_out = pw_kernel.shape[0]
+    if c_dw % in_channels or pw_kernel.shape[1] * groups != c_dw:
+        raise ValueError(f'depthwise kernel with {c_dw} channels and pointwise kernel taking '
+                         f'{pw_kernel.shape[1]} x {groups} groups do not fit {in_channels} '
+                         'input channels')
+    multiplier = c_dw // in_channels
+    c_in_g = in_channels // groups
+    dw = dw_kernel.reshape(groups, c_in_g, multiplier, kh * kw)
+    pw = pw_kernel.reshape(groups, c_out // groups, c_in_g, multiplier)
+    return torch.einsum('gimk,goim->goik', dw, pw).reshape(c_out, c_in_g, kh, kw)
+
+
+def compose_kernels(first: Tensor, second: Tensor) -> Tensor:
+    """The kernel of two stacked stride-1 convolutions: ``conv(conv(x, first), second)``.
+
+    For cross-correlations ``y = x * A`` then ``z = y * B``, the composed kernel is the full
+    2-D convolution ``C[w] = sum_{u + v = w} A[u] B[v]`` summed over the middle channels; it
+    has size ``ka + kb - 1``. It equals the stacked pair exactly away from the borders (the
+    stacked pair pads twice), which is how OREPA's large-kernel generator defines its kernel.
+
+    Args:
+        first (Tensor): ``(C_mid, C_in, ka, ka)``.
+        second (Tensor): ``(C_out, C_mid, kb, kb)``.
+
+    Returns:
+        Tensor: ``(C_out, C_in, ka + kb - 1, ka + kb - 1)``.
+    """
+    if first.shape[0] != second.shape[1]:
+        raise ValueError(f'first kernel gives {first.shape[0]} channels, second takes '
+                         f'{second.shape[1]} (groups are not supported here)')
+    kbh, kbw = second.shape[-2:]
+    # Batch over input channels: input (C_in, C_mid, ka, ka); a full convolution is a
+    # correlation with the flipped kernel and padding kb - 1.
+    out = F.conv2d(first.transpose(0, 1), second.flip(-2, -1), padding=(kbh - 1, kbw - 1))
+    return out.transpose(0, 1)
+
+
+def frequency_prior(channels: int, kernel_size: int, *, dtype: Optional[torch.dtype] = None,
+                    device: Optional[torch.device] = None) -> Tensor:
+    """OREPA's frequency prior: one 1-D DCT-II basis function per output channel.
+
+    The first half of the channels vary along the rows, the second half along the columns:
+    ``cos(pi * (h + 0.5) * (c + 1) / k)``. For ``k = 3`` this is the official definition; the
+    official code leaves other sizes uninitialised, here ``k`` is the kernel size for all.
+
+    Returns:
+        Tensor: ``(channels, k, k)``.
+    """
+    half = channels / 2
+    c = torch.arange(channels, dtype=torch.float64, device=device).reshape(-1, 1, 1)
+    pos = torch.arange(kernel_size, dtype=torch.float64, device=device) + 0.5
+    rows = pos.reshape(1, -1, 1).expand(channels, kernel_size, kernel_size)
+    cols = pos.reshape(1, 1, -1).expand(channels, kernel_size, kernel_size)
+    first_half = c < half
+    freq = torch.where(first_half, c + 1, c + 1 - half)
+    coord = torch.where(first_half, rows, cols)
+    prior = torch.cos(math.pi * coord * freq / kernel_size)
+    return prior.to(dtype or torch.get_default_dtype())

@@ -1,0 +1,2 @@
+"""mmreparam version."""
+__version__ = '0.1.0'
