@@ -7,27 +7,7 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from torch import Tensor
 
-from ..models.layers import ReparamBlock
-
-#: Methods by which other libraries fold a module in place: mmpretrain (RepVGG, MobileOne,
-#: RepLKNet, ...) and mmyolo use ``switch_to_deploy``; timm uses ``reparameterize``.
-FOREIGN_FOLD_METHODS = ('switch_to_deploy', 'reparameterize')
-
-
-def _fold_tree(module: nn.Module) -> int:
-    """Fold ``module`` top-down; return how many modules were folded."""
-    if isinstance(module, ReparamBlock):
-        already = module.reparam_conv is not None
-        module.fold()
-        return 0 if already else 1
-    for method in FOREIGN_FOLD_METHODS:
-        fn = getattr(module, method, None)
-        if callable(fn):
-            fn()
-            # A foreign container's method may leave some of our blocks inside it unfolded.
-            return 1 + sum(_fold_tree(child) for child in module.children())
-    return sum(_fold_tree(child) for child in module.children())
-
+from ..models.layers.base import fold_tree
 
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every re-parameterizable module of ``model`` into plain convolutions.
@@ -49,7 +29,7 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     modes = {m: m.training for m in model.modules()}
     model.eval()
     with torch.no_grad():
-        count = _fold_tree(model)
+        count = fold_tree(model)
     for m in model.modules():
         m.training = modes.get(m, False)
     print_log(f'mmreparam.fold: folded {count} module(s) of {type(model).__name__}',

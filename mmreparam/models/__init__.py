@@ -1,2 +1,3 @@
 """Models: re-parameterizable layers and backbones (registered in ``mmreparam.MODELS``)."""
+from .backbones import *  # noqa: F401,F403
 from .layers import *  # noqa: F401,F403

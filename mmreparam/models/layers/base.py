@@ -161,3 +161,33 @@ class ReparamBlock(BaseModule):
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
                 f'stride={self.stride}, padding={self.padding}, dilation={self.dilation}, '
                 f'groups={self.groups}, folded={self.reparam_conv is not None}')
+
+
+#: Methods by which other libraries fold a module in place: mmpretrain (RepVGG, MobileOne,
+#: RepLKNet, ...) and mmyolo use ``switch_to_deploy``; timm uses ``reparameterize``.
+FOREIGN_FOLD_METHODS = ('switch_to_deploy', 'reparameterize')
+
+
+def fold_tree(module: nn.Module) -> int:
+    """Fold ``module`` and everything in it, top-down; return how many modules were folded.
+
+    A :class:`ReparamBlock` folds itself (its branches go away with it); another module
+    with ``switch_to_deploy()`` or ``reparameterize()`` is asked to fold itself, then its
+    children are walked too, since a foreign container may hold blocks it does not know.
+    """
+    if isinstance(module, ReparamBlock):
+        already = module.reparam_conv is not None
+        module.fold()
+        return 0 if already else 1
+    if not type(module).__module__.startswith('mmreparam.'):  # ours hold ReparamBlocks
+        for method in FOREIGN_FOLD_METHODS:
+            fn = getattr(module, method, None)
+            if callable(fn):
+                fn()
+                return 1 + fold_children(module)
+    return fold_children(module)
+
+
+def fold_children(module: nn.Module) -> int:
+    """:func:`fold_tree` on each child of ``module``; return how many were folded."""
+    return sum(fold_tree(child) for child in module.children())

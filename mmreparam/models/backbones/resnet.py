@@ -1,0 +1,344 @@
+"""``mmreparam.ResNet``: mmdet's ResNet / ResNeXt / ResNetV1c / V1d with re-param blocks."""
+from typing import Optional, Sequence
+
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ...registry import MODELS
+from ...utils import ConfigType, OptConfigType
+from ..layers.base import fold_children
+from ..layers.factory import ConvNorm, build_reparam_conv, check_reparam
+
+RELU = dict(type='ReLU', inplace=True)
+
+
+class _ResUnit(BaseModule):
+    """Shared parts of the residual units: shortcut, with_cp, final ReLU."""
+
+    def __init__(self, with_cp: bool, init_cfg: OptConfigType = None):
+        super().__init__(init_cfg)
+        self.with_cp = with_cp
+        self.relu = nn.ReLU(inplace=True)
+
+    def _residual(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``relu(residual(x) + shortcut(x))``, checkpointed when ``with_cp`` in training."""
+
+        def inner(x):
+            identity = x if self.downsample is None else self.downsample(x)
+            return self._residual(x) + identity
+
+        if self.with_cp and x.requires_grad:
+            out = cp.checkpoint(inner, x, use_reentrant=False)
+        else:
+            out = inner(x)
+        return self.relu(out)
+
+
+class BasicBlock(_ResUnit):
+    """ResNet basic unit: ``conv1 (3x3, ReLU) -> conv2 (3x3)`` plus the shortcut."""
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, reparam: str, stride: int = 1,
+                 dilation: int = 1, downsample: Optional[nn.Module] = None,
+                 style: str = 'pytorch', with_cp: bool = False,
+                 norm_cfg: ConfigType = dict(type='BN'), dcn: OptConfigType = None,
+                 deploy: bool = False, groups: int = 1, base_width: int = 64,
+                 init_cfg: OptConfigType = None):
+        super().__init__(with_cp, init_cfg)
+        if dcn is not None:
+            raise ValueError('dcn is only supported with Bottleneck units (depth >= 50), '
+                             'as in mmdet')
+        if groups != 1 or base_width != 64:
+            raise ValueError('BasicBlock supports only groups=1 and base_width=64')
+        self.conv1 = build_reparam_conv(reparam, inplanes, planes, 3, stride, dilation,
+                                        norm_cfg=norm_cfg, act_cfg=RELU, deploy=deploy)
+        self.conv2 = build_reparam_conv(reparam, planes, planes, 3, 1, dilation,
+                                        norm_cfg=norm_cfg, deploy=deploy)
+        self.downsample = downsample
+
+    def _residual(self, x: Tensor) -> Tensor:
+        return self.conv2(self.conv1(x))
+
+
+class Bottleneck(_ResUnit):
+    """ResNet / ResNeXt bottleneck: ``1x1 -> 3x3 (groups) -> 1x1`` plus the shortcut.
+
+    The stride is on the ``3x3`` for ``style='pytorch'`` and on the first ``1x1`` for
+    ``'caffe'``. With ``groups > 1`` (ResNeXt) the width is
+    ``floor(planes * base_width / 64) * groups``.
+    """
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, reparam: str, stride: int = 1,
+                 dilation: int = 1, downsample: Optional[nn.Module] = None,
+                 style: str = 'pytorch', with_cp: bool = False,
+                 norm_cfg: ConfigType = dict(type='BN'), dcn: OptConfigType = None,
+                 deploy: bool = False, groups: int = 1, base_width: int = 4,
+                 init_cfg: OptConfigType = None):
+        super().__init__(with_cp, init_cfg)
+        if style not in ('pytorch', 'caffe'):
+            raise ValueError(f"style must be 'pytorch' or 'caffe', got {style!r}")
+        width = planes if groups == 1 else (planes * base_width // 64) * groups
+        stride1, stride2 = (1, stride) if style == 'pytorch' else (stride, 1)
+        self.conv1 = build_reparam_conv(reparam, inplanes, width, 1, stride1,
+                                        norm_cfg=norm_cfg, act_cfg=RELU, deploy=deploy)
+        if dcn is not None:
+            self.conv2 = ConvNorm(dcn, width, width, 3, stride2, dilation, groups,
+                                  norm_cfg=norm_cfg, act_cfg=RELU)
+        else:
+            self.conv2 = build_reparam_conv(reparam, width, width, 3, stride2, dilation,
+                                            groups, norm_cfg=norm_cfg, act_cfg=RELU,
+                                            deploy=deploy)
+        self.conv3 = build_reparam_conv(reparam, width, planes * self.expansion, 1,
+                                        norm_cfg=norm_cfg, deploy=deploy)
+        self.downsample = downsample
+
+    def _residual(self, x: Tensor) -> Tensor:
+        return self.conv3(self.conv2(self.conv1(x)))
+
+
+@MODELS.register_module()
+class ResNet(BaseModule):
+    """ResNet / ResNeXt backbone whose convolutions are re-parameterizable blocks.
+
+    A drop-in for mmdet's ``ResNet`` (and mmseg's ``ResNetV1c`` / ``ResNetV1d`` through
+    ``deep_stem`` / ``avg_down``): same arguments, same outputs (a tuple of stage features),
+    plus ``reparam`` and ``deploy``. Each convolution + BN is a block chosen by the official
+    per-kernel-size rule (:func:`mmreparam.models.layers.factory.reparam_block_type`); as in
+    the official OREPA / DBB ResNets, BasicBlock shortcuts stay plain :class:`ConvBN`. The
+    stem is one module named ``stem``, so
+    ``paramwise_cfg=dict(custom_keys={'backbone.stem': dict(lr_mult=...)})`` reaches it.
+
+    Args:
+        depth (int): 18, 34, 50, 101 or 152.
+        reparam (str): 'base', 'ACB', 'DBB', 'OREPA', 'RepVGG' or 'OREPA_VGG'.
+            Defaults to 'OREPA'.
+        in_channels (int): Input channels. Defaults to 3.
+        stem_channels (int, optional): Stem width; None gives ``base_channels``.
+        base_channels (int): Width of the first stage. Defaults to 64.
+        num_stages (int): 1 to 4. Defaults to 4.
+        strides (Sequence[int]): Stride of each stage. Defaults to (1, 2, 2, 2).
+        dilations (Sequence[int]): Dilation of each stage. Defaults to (1, 1, 1, 1).
+        out_indices (Sequence[int]): Stages whose outputs are returned.
+            Defaults to (0, 1, 2, 3).
+        style (str): 'pytorch' (stride on the 3x3) or 'caffe'. Defaults to 'pytorch'.
+        deep_stem (bool): Three 3x3 convolutions instead of the 7x7. Defaults to False.
+        avg_down (bool): Average-pool in the shortcut before its 1x1. Defaults to False.
+        contract_dilation (bool): Halve the dilation of the first unit of a dilated
+            stage (mmseg). Defaults to False.
+        frozen_stages (int): Stages to freeze (-1: none, 0: the stem). Defaults to -1.
+        conv_cfg (dict, optional): Only None is meaningful (blocks build their own convs).
+        norm_cfg (dict): Any BatchNorm (BN, SyncBN). Defaults to ``dict(type='BN')``.
+        norm_eval (bool): Keep BNs in eval mode while training. Defaults to True.
+        dcn (dict, optional): Deformable conv config for the 3x3 of the chosen stages
+            (these stay plain conv + BN). Defaults to None.
+        stage_with_dcn (Sequence[bool]): Stages using ``dcn``.
+        with_cp (bool): Gradient checkpointing of each unit. Defaults to False.
+        zero_init_residual (bool): Zero the BN scales of each unit's last block, so units
+            start as identities. Defaults to True.
+        groups (int): ResNeXt cardinality. Defaults to 1.
+        base_width (int): ResNeXt width per group. Defaults to 4.
+        deploy (bool): Build the folded structure. Defaults to False.
+        pretrained (str, optional): Deprecated; use ``init_cfg``.
+        init_cfg (dict | list[dict], optional): Initialization config.
+    """
+    arch_settings = {
+        18: (BasicBlock, (2, 2, 2, 2)),
+        34: (BasicBlock, (3, 4, 6, 3)),
+        50: (Bottleneck, (3, 4, 6, 3)),
+        101: (Bottleneck, (3, 4, 23, 3)),
+        152: (Bottleneck, (3, 8, 36, 3)),
+    }
+
+    def __init__(self,
+                 depth: int,
+                 reparam: str = 'OREPA',
+                 in_channels: int = 3,
+                 stem_channels: Optional[int] = None,
+                 base_channels: int = 64,
+                 num_stages: int = 4,
+                 strides: Sequence[int] = (1, 2, 2, 2),
+                 dilations: Sequence[int] = (1, 1, 1, 1),
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 style: str = 'pytorch',
+                 deep_stem: bool = False,
+                 avg_down: bool = False,
+                 contract_dilation: bool = False,
+                 frozen_stages: int = -1,
+                 conv_cfg: OptConfigType = None,
+                 norm_cfg: ConfigType = dict(type='BN', requires_grad=True),
+                 norm_eval: bool = True,
+                 dcn: OptConfigType = None,
+                 stage_with_dcn: Sequence[bool] = (False, False, False, False),
+                 plugins=None,
+                 with_cp: bool = False,
+                 zero_init_residual: bool = True,
+                 groups: int = 1,
+                 base_width: int = 4,
+                 deploy: bool = False,
+                 pretrained: Optional[str] = None,
+                 init_cfg: OptConfigType = None):
+        if init_cfg and pretrained:
+            raise ValueError('init_cfg and pretrained cannot be specified at the same time')
+        if pretrained is not None:
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        elif init_cfg is None:
+            init_cfg = [
+                dict(type='Kaiming', layer='Conv2d'),
+                dict(type='Constant', val=1, layer=['_BatchNorm', 'GroupNorm'])
+            ]
+        super().__init__(init_cfg)
+        if depth not in self.arch_settings:
+            raise ValueError(f'invalid depth {depth} for ResNet; choose one of '
+                             f'{sorted(self.arch_settings)}')
+        self.reparam = check_reparam(reparam)
+        if not 1 <= num_stages <= 4:
+            raise ValueError(f'num_stages must be 1 to 4, got {num_stages}')
+        if len(strides) != num_stages or len(dilations) != num_stages:
+            raise ValueError('strides and dilations need one value per stage')
+        if not out_indices or max(out_indices) >= num_stages:
+            raise ValueError(f'out_indices {tuple(out_indices)} must be stages < {num_stages}')
+        if conv_cfg is not None:
+            raise ValueError('conv_cfg is not supported: re-param blocks build their own '
+                             'convolutions (use dcn= for deformable 3x3s)')
+        if plugins is not None:
+            raise ValueError('plugins are not supported by mmreparam.ResNet')
+        if dcn is not None and len(stage_with_dcn) != num_stages:
+            raise ValueError('stage_with_dcn needs one value per stage')
+        self.depth = depth
+        self.stem_channels = stem_channels or base_channels
+        self.base_channels = base_channels
+        self.num_stages = num_stages
+        self.strides = strides
+        self.dilations = dilations
+        self.out_indices = out_indices
+        self.style = style
+        self.deep_stem = deep_stem
+        self.avg_down = avg_down
+        self.frozen_stages = frozen_stages
+        self.norm_cfg = norm_cfg
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+        self.zero_init_residual = zero_init_residual
+        self.deploy = deploy
+        self.block, stage_blocks = self.arch_settings[depth]
+
+        self._make_stem_layer(in_channels, self.stem_channels)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = self.stem_channels
+        self.res_layers = []
+        for i, num_blocks in enumerate(stage_blocks[:num_stages]):
+            planes = base_channels * 2**i
+            layer = self._make_res_layer(
+                inplanes, planes, num_blocks, strides[i], dilations[i],
+                contract_dilation=contract_dilation,
+                dcn=dcn if dcn is not None and stage_with_dcn[i] else None,
+                groups=groups, base_width=base_width if groups > 1 else
+                (64 if self.block is BasicBlock else 4))
+            inplanes = planes * self.block.expansion
+            self.add_module(f'layer{i + 1}', layer)
+            self.res_layers.append(f'layer{i + 1}')
+        self.feat_dim = inplanes
+        self._freeze_stages()
+
+    def _conv(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, groups=1,
+              act=True, reparam=None):
+        return build_reparam_conv(reparam or self.reparam, in_channels, out_channels,
+                                  kernel_size, stride, dilation, groups,
+                                  norm_cfg=self.norm_cfg, act_cfg=RELU if act else None,
+                                  deploy=self.deploy)
+
+    def _make_stem_layer(self, in_channels: int, stem_channels: int):
+        if self.deep_stem:
+            half = stem_channels // 2
+            self.stem = nn.Sequential(
+                self._conv(in_channels, half, 3, stride=2), self._conv(half, half, 3),
+                self._conv(half, stem_channels, 3))
+        else:
+            self.stem = self._conv(in_channels, stem_channels, 7, stride=2)
+
+    def _make_res_layer(self, inplanes, planes, num_blocks, stride, dilation,
+                        contract_dilation, dcn, groups, base_width) -> nn.Sequential:
+        out_channels = planes * self.block.expansion
+        downsample = None
+        if stride != 1 or inplanes != out_channels:
+            # The official OREPA/DBB ResNets keep BasicBlock shortcuts plain ConvBN.
+            reparam = 'base' if self.block is BasicBlock else self.reparam
+            layers = []
+            conv_stride = stride
+            if self.avg_down and stride != 1:
+                conv_stride = 1
+                layers.append(nn.AvgPool2d(stride, stride, ceil_mode=True,
+                                           count_include_pad=False))
+            layers.append(self._conv(inplanes, out_channels, 1, conv_stride, act=False,
+                                     reparam=reparam))
+            downsample = nn.Sequential(*layers)
+        first_dilation = dilation // 2 if contract_dilation and dilation > 1 else dilation
+        units = []
+        for i in range(num_blocks):
+            units.append(
+                self.block(inplanes if i == 0 else out_channels, planes, self.reparam,
+                           stride=stride if i == 0 else 1,
+                           dilation=first_dilation if i == 0 else dilation,
+                           downsample=downsample if i == 0 else None, style=self.style,
+                           with_cp=self.with_cp, norm_cfg=self.norm_cfg, dcn=dcn,
+                           deploy=self.deploy, groups=groups, base_width=base_width))
+        return nn.Sequential(*units)
+
+    def init_weights(self):
+        """Initialize (or load ``init_cfg``), then zero the residual ends if asked."""
+        super().init_weights()
+        pretrained = isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == \
+            'Pretrained'
+        if self.zero_init_residual and not pretrained:
+            for unit in self.modules():
+                if isinstance(unit, _ResUnit):
+                    last = unit.conv3 if isinstance(unit, Bottleneck) else unit.conv2
+                    for m in last.modules():
+                        if isinstance(m, _BatchNorm) and m.affine:
+                            nn.init.constant_(m.weight, 0)
+
+    def _freeze_stages(self):
+        if self.frozen_stages >= 0:
+            self.stem.eval()
+            for param in self.stem.parameters():
+                param.requires_grad = False
+        for i in range(1, self.frozen_stages + 1):
+            layer = getattr(self, f'layer{i}')
+            layer.eval()
+            for param in layer.parameters():
+                param.requires_grad = False
+
+    def forward(self, x: Tensor) -> tuple:
+        """Return the features of the stages in ``out_indices``."""
+        x = self.maxpool(self.stem(x))
+        outs = []
+        for i, name in enumerate(self.res_layers):
+            x = getattr(self, name)(x)
+            if i in self.out_indices:
+                outs.append(x)
+        return tuple(outs)
+
+    def train(self, mode: bool = True):
+        """Set the mode, keeping frozen stages and (with ``norm_eval``) BNs in eval."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def switch_to_deploy(self):
+        """Fold every block in place (the mmpretrain-style name of :func:`mmreparam.fold`)."""
+        fold_children(self)
+        self.deploy = True
+
+
+__all__ = ['ResNet', 'BasicBlock', 'Bottleneck']
