@@ -1,0 +1,136 @@
+"""Both backbones inside real mmdet / mmseg / mmpretrain models built from upstream configs.
+
+Each model is built from a config that inherits the upstream one (``mmdet::``, ``mmseg::``,
+``mmpretrain::``) and only swaps the backbone for ``type='mmreparam.X'`` (no
+``custom_imports``); it runs a training step (forward + backward), is folded with
+``mmreparam.fold``, and must give the same outputs afterwards. Widths are reduced.
+"""
+import copy
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+import mmreparam
+from mmreparam.testing import randomize_bn, randomize_parameters
+
+RESNET = dict(type='mmreparam.ResNet', depth=50, reparam='OREPA', base_channels=16,
+              norm_cfg=dict(type='BN'), init_cfg=None)
+# width_factor chosen so that the stage widths are 16, 32, 64, 128.
+REPVGG_ARCH = dict(num_blocks=[1, 2, 2, 1], width_factor=[0.25, 0.25, 0.25, 0.25])
+REPVGG = dict(type='mmreparam.RepVGG', arch=REPVGG_ARCH, reparam='OREPA_VGG',
+              out_indices=(0, 1, 2, 3), init_cfg=None)
+BACKBONES = {
+    'resnet': (RESNET, [64, 128, 256, 512]),
+    'repvgg': (REPVGG, [16, 32, 64, 128]),
+}
+
+
+def build(tmp_path, text, scope):
+    path = tmp_path / 'cfg.py'
+    path.write_text(text)
+    cfg = Config.fromfile(str(path))
+    init_default_scope(scope)
+    if scope == 'mmdet':
+        from mmdet.registry import MODELS
+    elif scope == 'mmseg':
+        from mmseg.registry import MODELS
+    else:
+        from mmpretrain.registry import MODELS
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    randomize_parameters(model, ('vector', 'idconv1.weight'), seed=1)
+    randomize_bn(model, seed=2)
+    return model
+
+
+def check_train_step_and_fold(model, data, loss_keys):
+    model.train()
+    batch = model.data_preprocessor(copy.deepcopy(data), True)
+    losses = model(**batch, mode='loss')
+    loss = sum(v.sum() if isinstance(v, torch.Tensor) else sum(v)
+               for k, v in losses.items() if 'loss' in k)
+    loss.backward()
+    assert any(k in losses for k in loss_keys), list(losses)
+    grads = [p.grad for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+
+    model.eval()
+    folded = mmreparam.fold(model)
+    assert not [m for m in folded.modules()
+                if isinstance(m, mmreparam.models.layers.ReparamBlock)
+                and m.reparam_conv is None]
+    batch = model.data_preprocessor(copy.deepcopy(data), False)
+    err = mmreparam.fold_error(model, folded,
+                               dict(inputs=batch['inputs'],
+                                    data_samples=batch['data_samples'], mode='tensor'))
+    assert err['max_rel'] < 1e-4, err
+    return folded
+
+
+@pytest.mark.parametrize('name', list(BACKBONES))
+def test_faster_rcnn(tmp_path, name):
+    from mmdet.testing import demo_mm_inputs
+    backbone, channels = BACKBONES[name]
+    model = build(tmp_path, f'''
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+model = dict(
+    backbone=dict(_delete_=True, **{backbone!r}),
+    neck=dict(in_channels={channels}, out_channels=32),
+    rpn_head=dict(in_channels=32, feat_channels=32),
+    roi_head=dict(bbox_roi_extractor=dict(out_channels=32),
+                  bbox_head=dict(in_channels=32, fc_out_channels=64, num_classes=3)))
+''', 'mmdet')
+    data = demo_mm_inputs(batch_size=2, image_shapes=(3, 64, 64), num_classes=3)
+    check_train_step_and_fold(model, data, ('loss_rpn_cls', 'loss_cls'))
+
+
+@pytest.mark.parametrize('name', list(BACKBONES))
+def test_dilated_pspnet(tmp_path, name):
+    from mmseg.structures import SegDataSample
+    from mmengine.structures import PixelData
+    backbone, channels = BACKBONES[name]
+    backbone = dict(backbone)
+    if name == 'resnet':  # ResNetV1c-D8: deep stem, dilated last stages
+        backbone.update(deep_stem=True, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
+                        contract_dilation=True)
+    else:
+        backbone.update(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
+    model = build(tmp_path, f'''
+_base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py'
+norm_cfg = dict(type='BN', requires_grad=True)
+model = dict(
+    pretrained=None,
+    data_preprocessor=dict(size=(64, 64)),
+    backbone=dict(_delete_=True, **{backbone!r}),
+    decode_head=dict(in_channels={channels[3]}, channels=16, norm_cfg=norm_cfg,
+                     num_classes=4),
+    auxiliary_head=dict(in_channels={channels[2]}, channels=16, norm_cfg=norm_cfg,
+                        num_classes=4))
+''', 'mmseg')
+    data_samples = []
+    for i in range(2):
+        sample = SegDataSample(metainfo=dict(img_shape=(64, 64), ori_shape=(64, 64),
+                                             pad_shape=(64, 64)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 4, (1, 64, 64)))
+        data_samples.append(sample)
+    data = dict(inputs=[torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)] * 2,
+                data_samples=data_samples)
+    check_train_step_and_fold(model, data, ('decode.loss_ce', ))
+
+
+@pytest.mark.parametrize('name', list(BACKBONES))
+def test_image_classifier(tmp_path, name):
+    from mmpretrain.structures import DataSample
+    backbone, channels = BACKBONES[name]
+    backbone = dict(backbone, out_indices=(3, ))
+    model = build(tmp_path, f'''
+_base_ = 'mmpretrain::resnet/resnet50_8xb32_in1k.py'
+model = dict(backbone=dict(_delete_=True, **{backbone!r}),
+             head=dict(in_channels={channels[3]}, num_classes=5))
+''', 'mmpretrain')
+    data = dict(inputs=[torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)] * 2,
+                data_samples=[DataSample().set_gt_label(i) for i in range(2)])
+    check_train_step_and_fold(model, data, ('loss', ))

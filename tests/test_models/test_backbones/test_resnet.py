@@ -1,0 +1,173 @@
+"""mmreparam.ResNet: mmdet parity, every reparam folds exactly, freezing, stem lr_mult."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import mmreparam
+from mmreparam.models.backbones import ResNet
+from mmreparam.models.layers import (ACB, DBB, OREPA, OREPA1x1, ConvBN, OREPALargeConv,
+                                     OREPAVGGBlock, RepVGGBlock)
+from mmreparam.models.layers.factory import REPARAM_TYPES
+from mmreparam.testing import randomize_bn, randomize_parameters
+
+SMALL = dict(base_channels=8, init_cfg=None)
+
+
+def small(depth=50, **kwargs):
+    torch.manual_seed(0)
+    model = ResNet(depth, **dict(SMALL, **kwargs))
+    randomize_parameters(model, ('vector', 'idconv1.weight'), seed=1)
+    return randomize_bn(model, seed=2).eval()
+
+
+def mmdet_to_ours(state):
+    """Test-side key map of mmdet's ResNet (pytorch style, 7x7 stem) to reparam='base'."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split('.')
+        if parts[0] in ('conv1', 'bn1'):
+            out[f'stem.{"conv" if parts[0] == "conv1" else "bn"}.{parts[-1]}'] = value
+            continue
+        layer, unit, name = parts[0], parts[1], parts[2]
+        if name == 'downsample':
+            sub = 'conv' if parts[3] == '0' else 'bn'
+            out[f'{layer}.{unit}.downsample.0.{sub}.{parts[-1]}'] = value
+        elif name.startswith('conv'):
+            out[f'{layer}.{unit}.{name}.conv.{parts[-1]}'] = value
+        else:  # bnK
+            out[f'{layer}.{unit}.conv{name[2:]}.bn.{parts[-1]}'] = value
+    return out
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_base_deploy_equals_mmdet_resnet(depth):
+    from mmdet.models.backbones import ResNet as DetResNet
+    torch.manual_seed(0)
+    det = randomize_bn(DetResNet(depth, base_channels=8, stem_channels=8), seed=3)
+    det.eval()  # mmdet's train() returns None
+    ours = ResNet(depth, reparam='base', **SMALL)
+    ours.load_state_dict(mmdet_to_ours(det.state_dict()), strict=True)
+    deploy = ResNet(depth, reparam='base', deploy=True, **SMALL)
+    deploy.load_state_dict(mmreparam.fold(ours).state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(det(x), deploy.eval()(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def block_types(model):
+    return {name: type(m) for name, m in model.named_modules()}
+
+
+def test_official_per_kernel_size_rule():
+    types = block_types(ResNet(50, reparam='OREPA', **SMALL))
+    assert types['stem'] is OREPALargeConv
+    assert types['layer1.0.conv1'] is OREPA1x1 and types['layer1.0.conv3'] is OREPA1x1
+    assert types['layer1.0.conv2'] is OREPA
+    assert types['layer1.0.downsample.0'] is OREPA1x1  # Bottleneck shortcut: OREPA1x1
+    types = block_types(ResNet(18, reparam='OREPA', **SMALL))
+    assert types['layer2.0.downsample.0'] is ConvBN  # BasicBlock shortcut stays plain
+    for reparam, block in (('DBB', DBB), ('ACB', ACB), ('RepVGG', RepVGGBlock),
+                           ('OREPA_VGG', OREPAVGGBlock)):
+        types = block_types(ResNet(50, reparam=reparam, **SMALL))
+        assert types['stem'] is ConvBN and types['layer1.0.conv1'] is ConvBN
+        assert types['layer1.0.conv2'] is block
+    types = block_types(ResNet(50, reparam='DBB', deep_stem=True, **SMALL))
+    assert [types[f'stem.{i}'] for i in range(3)] == [DBB] * 3
+
+
+@pytest.mark.parametrize('reparam', sorted(REPARAM_TYPES))
+@pytest.mark.parametrize('depth', [18, 50])
+def test_every_reparam_folds_exactly(reparam, depth):
+    model = small(depth, reparam=reparam).double()
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    folded = mmreparam.fold(model)
+    err = mmreparam.fold_error(model, folded, x)
+    assert err['max_rel'] < 1e-10, err
+    assert all(m.reparam_conv is not None for m in folded.modules()
+               if isinstance(m, mmreparam.models.layers.ReparamBlock))
+    deploy = ResNet(depth, reparam=reparam, deploy=True, **SMALL).double()
+    deploy.load_state_dict(folded.state_dict(), strict=True)
+
+
+def test_variants_run_and_fold():
+    # ResNeXt, V1d (deep stem + avg_down), caffe style, dilation with contract_dilation.
+    for kwargs in (dict(groups=4, base_width=16), dict(deep_stem=True, avg_down=True),
+                   dict(style='caffe'),
+                   dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True,
+                        deep_stem=True)):
+        model = small(50, reparam='OREPA', **kwargs)
+        folded = mmreparam.fold(model)
+        err = mmreparam.fold_error(model, folded, torch.randn(1, 3, 48, 48))
+        assert err['max_rel'] < 1e-5, (kwargs, err)
+
+
+def test_out_indices_and_shapes_match_mmdet():
+    from mmdet.models.backbones import ResNet as DetResNet
+    x = torch.randn(1, 3, 64, 64)
+    for kwargs in (dict(out_indices=(1, 3)), dict(num_stages=3, out_indices=(0, 2),
+                                                  strides=(1, 2, 2), dilations=(1, 1, 1))):
+        ours = [o.shape for o in ResNet(50, base_channels=8, stem_channels=8, **kwargs)(x)]
+        ref = [o.shape for o in DetResNet(50, base_channels=8, stem_channels=8, **kwargs)(x)]
+        assert ours == ref
+
+
+def test_frozen_stages_and_norm_eval():
+    model = ResNet(50, frozen_stages=1, norm_eval=True, **SMALL).train()
+    assert not any(p.requires_grad for p in model.stem.parameters())
+    assert not any(p.requires_grad for p in model.layer1.parameters())
+    assert all(p.requires_grad for p in model.layer2.parameters())
+    assert not any(m.training for m in model.modules() if isinstance(m, _BatchNorm))
+    model = ResNet(50, norm_eval=False, **SMALL).train()
+    assert all(m.training for m in model.modules() if isinstance(m, _BatchNorm))
+
+
+def test_with_cp_gives_the_same_gradients():
+    model = small(18, reparam='DBB').train()
+    cp_model = copy.deepcopy(model)
+    cp_model.layer1[0].with_cp = True
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    for m in (model, cp_model):
+        sum(o.sum() for o in m(x)).backward()
+    for (n, a), b in zip(model.named_parameters(), cp_model.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), n
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(depth=42), 'depth'),
+    (dict(depth=50, reparam='XYZ'), 'reparam'),
+    (dict(depth=50, out_indices=(4, )), 'out_indices'),
+    (dict(depth=50, conv_cfg=dict(type='Conv2d')), 'conv_cfg'),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ResNet(**kwargs)
+
+
+@pytest.mark.parametrize('reparam', sorted(REPARAM_TYPES))
+@pytest.mark.parametrize('deep_stem', [False, True])
+def test_stem_lr_mult_reaches_every_stem_parameter_only(reparam, deep_stem):
+    from mmengine.optim import build_optim_wrapper
+
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = ResNet(18, reparam=reparam, deep_stem=deep_stem, **SMALL)
+            self.head = nn.Conv2d(64, 2, 1)
+
+    model = Detector()
+    wrapper = build_optim_wrapper(model, dict(
+        optimizer=dict(type='SGD', lr=0.1, momentum=0.9),
+        paramwise_cfg=dict(custom_keys={'backbone.stem': dict(lr_mult=0.01)})))
+    lr_of = {id(p): g['lr'] for g in wrapper.optimizer.param_groups for p in g['params']}
+    stem = {id(p) for p in model.backbone.stem.parameters()}
+    assert stem and len(lr_of) == len(list(model.parameters()))
+    for name, param in model.named_parameters():
+        expected = 0.1 * 0.01 if id(param) in stem else 0.1
+        assert abs(lr_of[id(param)] - expected) < 1e-12, name
+    if reparam == 'OREPA' and not deep_stem:  # the generators of the linear stem
+        assert any('weight2.weight_orepa_origin' in n for n, _ in
+                   model.backbone.stem.named_parameters())
