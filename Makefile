@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-all clean-env
+.PHONY: env test test-all demo clean-env
 
 env:
 	@bash tools/bootstrap.sh
@@ -18,3 +18,7 @@ test-all: env
 
 clean-env:
 	rm -rf .venv
+
+# Train, fold and test an OREPA-R50 detector and segmentor on generated data (CPU).
+demo: env
+	$(PY) tools/demo.py

@@ -11,6 +11,7 @@ register_safe_globals()
 
 from . import models  # noqa: E402,F401  (registers the blocks)
 from .apis import fold, fold_error  # noqa: E402
+from .engine import FoldHook  # noqa: E402
 from .registry import HOOKS, MODELS  # noqa: E402
 
-__all__ = ['__version__', 'fold', 'fold_error', 'MODELS', 'HOOKS']
+__all__ = ['__version__', 'fold', 'fold_error', 'FoldHook', 'MODELS', 'HOOKS']

@@ -37,3 +37,12 @@ def test_scope_switch_inside_a_toolbox_build():
                                   kernel_size=3, norm_cfg=dict(type='SyncBN')))
         assert type(m.dbb_origin.bn).__name__ == 'SyncBatchNorm'
     ''')
+
+
+def test_hook_builds_by_scoped_name_through_mmengine():
+    out = run_fresh('''
+        from mmengine.registry import HOOKS
+        hook = HOOKS.build(dict(type='mmreparam.FoldHook', fold_for_test=True))
+        print(type(hook).__name__, hook.fold_for_test)
+    ''')
+    assert out.strip() == 'FoldHook True'

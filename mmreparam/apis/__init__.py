@@ -1,4 +1,5 @@
-"""Public functions: :func:`fold` and :func:`fold_error`."""
+"""Public functions: :func:`fold`, :func:`fold_error` and the deploy artifacts."""
+from .deploy import deploy_config, export_deploy
 from .fold import fold, fold_error
 
-__all__ = ['fold', 'fold_error']
+__all__ = ['fold', 'fold_error', 'deploy_config', 'export_deploy']

@@ -1,0 +1,146 @@
+"""Deploy artifacts: the deploy config and the folded checkpoint, written atomically.
+
+Shared by :class:`mmreparam.engine.FoldHook` (after training) and ``tools/fold.py``
+(offline), so both write exactly the same files.
+"""
+import copy
+import inspect
+import os
+import tempfile
+from typing import Any, Callable, Optional
+
+import torch
+from mmengine.config import Config
+from mmengine.logging import print_log
+from mmengine.registry import MODELS as ROOT_MODELS
+
+DEPLOY_CKPT = 'deploy.pth'
+DEPLOY_CONFIG = 'deploy_config.py'
+
+
+def atomic_write(path: str, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
+
+    On any failure the temporary file is removed and the previous ``path`` (if any) is left
+    untouched.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # Same extension as the target: writers such as Config.dump pick the format from it.
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.tmp.',
+                               suffix=os.path.splitext(path)[1], dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint_atomic(obj: Any, path: str) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _registry_for(scope: Optional[str]):
+    if scope:
+        try:
+            return __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+        except (ImportError, AttributeError):
+            pass
+    return ROOT_MODELS
+
+
+def _accepts_deploy(type_name: Any, registry) -> bool:
+    if not isinstance(type_name, str):
+        cls = type_name
+    else:
+        cls = registry.get(type_name)
+    if cls is None:
+        return False
+    try:
+        return 'deploy' in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _set_deploy(node: Any, registry) -> int:
+    """Set ``deploy=True`` on every sub-config whose class takes ``deploy``; count them."""
+    count = 0
+    if isinstance(node, dict):
+        if 'type' in node and _accepts_deploy(node['type'], registry):
+            node['deploy'] = True
+            init_cfg = node.get('init_cfg')
+            if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+                node.pop('init_cfg')  # weights come from the deploy checkpoint
+            node.pop('pretrained', None)
+            count += 1
+        for value in node.values():
+            count += _set_deploy(value, registry)
+    elif isinstance(node, (list, tuple)):
+        count += sum(_set_deploy(v, registry) for v in node)
+    return count
+
+
+def deploy_config(cfg: Config) -> Config:
+    """The same config with ``deploy=True`` on every re-parameterizable model part.
+
+    Every sub-config of ``cfg.model`` whose class takes a ``deploy`` argument (mmreparam's
+    backbones, and other libraries' such as mmpretrain's RepVGG) gets ``deploy=True``; its
+    ``Pretrained`` init is dropped (the weights come from the deploy checkpoint), as is a
+    model-level ``pretrained`` (mmseg). ``load_from`` / ``resume`` are cleared and
+    :class:`FoldHook` is removed from ``custom_hooks``. Everything else is unchanged.
+
+    Raises:
+        ValueError: Nothing in ``cfg.model`` takes ``deploy``.
+    """
+    cfg = copy.deepcopy(cfg)
+    model = cfg.model
+    count = _set_deploy(model, _registry_for(cfg.get('default_scope')))
+    if count == 0:
+        raise ValueError('no part of cfg.model takes a deploy argument: nothing to fold')
+    if isinstance(model, dict) and model.get('pretrained') is not None:
+        model['pretrained'] = None
+    cfg.load_from = None
+    cfg.resume = False
+    hooks = cfg.get('custom_hooks') or []
+    cfg.custom_hooks = [h for h in hooks
+                        if not str(h.get('type', '')).endswith('FoldHook')]
+    return cfg
+
+
+def save_config_atomic(cfg: Config, path: str) -> None:
+    """Dump ``cfg`` to ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: cfg.dump(tmp))
+
+
+def export_deploy(folded: torch.nn.Module, cfg: Config, out_dir: str,
+                  meta: Optional[dict] = None, ckpt_name: str = DEPLOY_CKPT,
+                  config_name: str = DEPLOY_CONFIG) -> dict:
+    """Write ``deploy.pth`` (folded weights) and ``deploy_config.py`` into ``out_dir``.
+
+    Args:
+        folded (nn.Module): The folded model.
+        cfg (Config): The training config (converted with :func:`deploy_config`).
+        out_dir (str): Output directory (created if needed).
+        meta (dict, optional): Stored under ``meta`` in the checkpoint.
+
+    Returns:
+        dict: ``checkpoint`` and ``config``, the written paths.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    dcfg = deploy_config(cfg)
+    ckpt_path = os.path.join(out_dir, ckpt_name)
+    cfg_path = os.path.join(out_dir, config_name)
+    state = {k: v.detach().cpu() for k, v in folded.state_dict().items()}
+    save_checkpoint_atomic(dict(state_dict=state, meta=dict(meta or {}, deploy=True)),
+                           ckpt_path)
+    save_config_atomic(dcfg, cfg_path)
+    print_log(f'mmreparam: wrote {ckpt_path} and {cfg_path}', logger='current')
+    return dict(checkpoint=ckpt_path, config=cfg_path)
+
+
+__all__ = ['atomic_write', 'save_checkpoint_atomic', 'deploy_config', 'save_config_atomic',
+           'export_deploy']

@@ -1,0 +1,4 @@
+"""mmengine hooks."""
+from .fold_hook import FoldHook
+
+__all__ = ['FoldHook']

@@ -1,0 +1,156 @@
+"""FoldHook inside a real mmengine run (an mmpretrain classifier on a tiny image folder)."""
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.runner import Runner
+from PIL import Image
+
+import mmreparam
+from mmreparam.apis.deploy import atomic_write, deploy_config, save_checkpoint_atomic
+
+CLASSES = ('a', 'b', 'c')
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('folder')
+    rng = np.random.RandomState(0)
+    for split in ('train', 'val'):
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(4):
+                pixels = rng.randint(0, 60, (32, 32, 3)) + 60 * c
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f'{i}.png')
+    return root
+
+
+def classifier_cfg(root, work_dir, max_iters=4, hooks=(), **kwargs):
+    pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
+    loader = lambda split, shuffle: dict(  # noqa: E731
+        batch_size=4, num_workers=0,
+        sampler=dict(type='InfiniteSampler' if shuffle else 'DefaultSampler',
+                     shuffle=shuffle),
+        dataset=dict(type='CustomDataset', data_root=str(root / split), pipeline=pipeline,
+                     with_label=True))
+    return Config(dict(
+        default_scope='mmpretrain',
+        work_dir=str(work_dir),
+        model=dict(type='ImageClassifier',
+                   data_preprocessor=dict(num_classes=3, mean=[127.5] * 3, std=[60.0] * 3),
+                   backbone=dict(type='mmreparam.ResNet', depth=18, reparam='OREPA',
+                                 base_channels=8, out_indices=(3, ), norm_eval=False),
+                   neck=dict(type='GlobalAveragePooling'),
+                   head=dict(type='LinearClsHead', num_classes=3, in_channels=64,
+                             loss=dict(type='CrossEntropyLoss'))),
+        train_dataloader=loader('train', True),
+        val_dataloader=loader('val', False),
+        test_dataloader=loader('val', False),
+        val_evaluator=dict(type='Accuracy', topk=(1, )),
+        test_evaluator=dict(type='Accuracy', topk=(1, )),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=max_iters),
+        val_cfg=dict(), test_cfg=dict(),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', by_epoch=False,
+                                           interval=2),
+                           logger=dict(type='LoggerHook', interval=1)),
+        custom_hooks=list(hooks),
+        env_cfg=dict(dist_cfg=dict(backend='gloo')),
+        randomness=dict(seed=0),
+        **kwargs))
+
+
+def predictions(model, root):
+    files = sorted((root / 'val').rglob('*.png'))
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1) for f in files])
+    batch = model.data_preprocessor(dict(inputs=list(x)), False)
+    model.eval()
+    with torch.no_grad():
+        return model(batch['inputs'], mode='tensor')
+
+
+def test_fold_hook_exports_ema_weights_and_leaves_training_intact(image_folder, tmp_path):
+    hooks = [dict(type='EMAHook', momentum=0.5), dict(type='mmreparam.FoldHook')]
+    runner = Runner.from_cfg(classifier_cfg(image_folder, tmp_path, hooks=hooks))
+    runner.train()
+    fold_hook = [h for h in runner.hooks if isinstance(h, mmreparam.FoldHook)][0]
+    assert fold_hook.last_fold_error['max_rel'] < 1e-5
+
+    # The live model is still the train-time one.
+    live = runner.model
+    assert any('weight_orepa_origin' in k for k in live.state_dict())
+    assert not any('reparam_conv' in k for k in live.state_dict())
+
+    # deploy_config.py builds a deploy=True model that loads deploy.pth strictly ...
+    dcfg = Config.fromfile(str(tmp_path / 'deploy_config.py'))
+    assert dcfg.model.backbone.deploy is True
+    assert not any(str(h['type']).endswith('FoldHook') for h in dcfg.custom_hooks)
+    from mmpretrain.registry import MODELS
+    deploy = MODELS.build(dcfg.model)
+    ckpt = torch.load(tmp_path / 'deploy.pth', map_location='cpu', weights_only=True)
+    deploy.load_state_dict(ckpt['state_dict'], strict=True)
+    assert ckpt['meta']['fold_error']['max_rel'] < 1e-5
+    # ... and computes what the last checkpoint (EMA weights) computes.
+    trained = MODELS.build(runner.cfg.model)
+    state = torch.load(tmp_path / 'iter_4.pth', map_location='cpu')['state_dict']
+    trained.load_state_dict(state, strict=True)
+    ema = runner.hooks[[type(h).__name__ for h in runner.hooks].index('EMAHook')]
+    assert not torch.equal(state['head.fc.weight'], live.state_dict()['head.fc.weight']), \
+        'the checkpoint should hold the EMA weights, not the live ones'
+    assert torch.allclose(state['head.fc.weight'],
+                          ema.ema_model.module.state_dict()['head.fc.weight'])
+    ref, out = predictions(trained, image_folder), predictions(deploy, image_folder)
+    assert torch.allclose(ref, out, rtol=1e-4, atol=1e-5)
+
+    # Training resumes (EMA included) from the last checkpoint.
+    resumed = Runner.from_cfg(classifier_cfg(image_folder, tmp_path, max_iters=6,
+                                             hooks=hooks, resume=True))
+    resumed.train()
+    assert resumed.iter == 6
+
+
+def test_fold_for_test_gives_the_same_metrics(image_folder, tmp_path):
+    runner = Runner.from_cfg(classifier_cfg(image_folder, tmp_path / 'a', max_iters=2))
+    runner.train()
+    plain = runner.test()
+    cfg = classifier_cfg(image_folder, tmp_path / 'b', max_iters=2,
+                         hooks=[dict(type='mmreparam.FoldHook', fold_for_test=True)],
+                         load_from=str(tmp_path / 'a' / 'iter_2.pth'))
+    tester = Runner.from_cfg(cfg)
+    model_before = tester.model
+    folded = tester.test()
+    assert folded == plain
+    assert tester.model is model_before  # restored after the test
+
+
+def test_deploy_config_sets_deploy_on_every_reparam_part():
+    cfg = Config(dict(default_scope='mmseg', model=dict(
+        type='EncoderDecoder', pretrained='x.pth',
+        backbone=dict(type='mmreparam.ResNet', depth=18,
+                      init_cfg=dict(type='Pretrained', checkpoint='in1k.pth')),
+        decode_head=dict(type='FCNHead')), load_from='a.pth',
+        custom_hooks=[dict(type='mmreparam.FoldHook'), dict(type='EMAHook')]))
+    out = deploy_config(cfg)
+    assert out.model.backbone.deploy is True and 'init_cfg' not in out.model.backbone
+    assert out.model.pretrained is None and out.load_from is None
+    assert [h['type'] for h in out.custom_hooks] == ['EMAHook']
+    assert 'deploy' not in out.model.decode_head
+    assert cfg.model.backbone.get('deploy') is None  # the input is not changed
+    with pytest.raises(ValueError, match='nothing to fold'):
+        deploy_config(Config(dict(model=dict(type='mmpretrain.ImageClassifier',
+                                             backbone=dict(type='mmpretrain.ResNet')))))
+
+
+def test_atomic_write_keeps_the_previous_file_on_failure(tmp_path):
+    path = str(tmp_path / 'deploy.pth')
+    save_checkpoint_atomic({'v': torch.ones(3)}, path)
+
+    def fail_midway(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(b'partial')
+        raise OSError('disk full (injected)')
+
+    with pytest.raises(OSError, match='injected'):
+        atomic_write(path, fail_midway)
+    assert torch.equal(torch.load(path, weights_only=True)['v'], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ['deploy.pth']  # no temp file left
