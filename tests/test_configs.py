@@ -1,0 +1,43 @@
+"""Every config in configs/ loads, builds its model and runs one forward at a small size."""
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+from mmreparam.apis.deploy import _registry_for, deploy_config
+
+CONFIGS = sorted(
+    p for p in (Path(__file__).resolve().parents[1] / 'configs').rglob('*.py')
+    if '_base_' not in p.parts and not p.name.startswith('synthetic_'))
+
+
+def test_there_are_configs_for_every_toolbox():
+    names = {p.parent.name for p in CONFIGS}
+    assert {'mmdet', 'mmseg', 'mmpretrain', 'demo'} <= names
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: f'{p.parent.name}/{p.name}')
+def test_config_builds_and_runs(path):
+    cfg = Config.fromfile(str(path))
+    scope = cfg.default_scope
+    assert cfg.model.backbone.type.startswith('mmreparam.')
+    assert any(h['type'] == 'mmreparam.FoldHook' for h in cfg.custom_hooks)
+    init_default_scope(scope)
+    model = _registry_for(scope).build(cfg.model).eval()
+    size = 64
+    if scope == 'mmdet':
+        from mmdet.testing import demo_mm_inputs
+        data = demo_mm_inputs(1, image_shapes=(3, 128, 128), with_mask=True)
+    elif scope == 'mmseg':
+        data = dict(inputs=[torch.randint(0, 255, (3, size, size), dtype=torch.uint8)])
+    else:
+        data = dict(inputs=[torch.randint(0, 255, (3, size, size), dtype=torch.uint8)])
+    batch = model.data_preprocessor(data, False)
+    with torch.no_grad():
+        out = model(batch['inputs'], batch.get('data_samples'), mode='tensor')
+    assert out is not None
+    # The deploy config of each builds the folded structure.
+    dcfg = deploy_config(cfg)
+    assert dcfg.model.backbone.deploy is True
