@@ -1,5 +1,11 @@
-"""Checkpoint loading: safe unpickling (and, later, official-format key mapping)."""
+"""Checkpoint loading: safe unpickling, and converting other layouts into mmreparam's."""
+from .convert import (CheckpointFormat, ConversionReport, convert_checkpoint, detect_format,
+                      load_pretrained, read_state_dict)
 from .safe_load import (CheckpointError, UnsafeCheckpointError, register_safe_globals,
                         safe_load)
 
-__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'register_safe_globals', 'safe_load']
+__all__ = [
+    'CheckpointError', 'UnsafeCheckpointError', 'register_safe_globals', 'safe_load',
+    'CheckpointFormat', 'ConversionReport', 'convert_checkpoint', 'detect_format',
+    'load_pretrained', 'read_state_dict'
+]

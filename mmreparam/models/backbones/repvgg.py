@@ -11,6 +11,7 @@ from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from ..layers import OREPAVGGBlock, RepVGGBlock
 from ..layers.base import fold_children
+from .resnet import load_pretrained_init_cfg
 
 _GROUPED_LAYERS = tuple(range(2, 27, 2))  # the official "optional_groupwise_layers"
 G2 = {layer: 2 for layer in _GROUPED_LAYERS}
@@ -154,6 +155,16 @@ class RepVGG(BaseModule):
         if len(arch['num_blocks']) != len(arch['width_factor']):
             raise ValueError('arch num_blocks and width_factor must have the same length')
         return dict(dict(group_layer_map=None, use_se=False), **arch)
+
+    def init_weights(self):
+        """Initialize from ``init_cfg``; a ``Pretrained`` checkpoint of any supported layout.
+
+        ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=...)`` goes through
+        :func:`mmreparam.checkpoint.load_pretrained`, which also converts official RepVGG /
+        OREPA-VGG and mmpretrain RepVGG checkpoints.
+        """
+        if not load_pretrained_init_cfg(self):
+            super().init_weights()
 
     def forward(self, x: Tensor) -> tuple:
         """Return the features of the stages in ``out_indices``."""

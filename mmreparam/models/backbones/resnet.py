@@ -15,6 +15,21 @@ from ..layers.factory import ConvNorm, build_reparam_conv, check_reparam
 RELU = dict(type='ReLU', inplace=True)
 
 
+def load_pretrained_init_cfg(backbone: BaseModule) -> bool:
+    """Load ``init_cfg=dict(type='Pretrained', ...)`` through mmreparam's converter.
+
+    Returns:
+        bool: Whether a pretrained checkpoint was loaded (else normal init applies).
+    """
+    cfg = backbone.init_cfg
+    if not (isinstance(cfg, dict) and cfg.get('type') == 'Pretrained'):
+        return False
+    from ...checkpoint import load_pretrained  # the checkpoint layer builds on models
+    load_pretrained(backbone, cfg['checkpoint'], prefix=cfg.get('prefix'))
+    backbone._is_init = True
+    return True
+
+
 class _ResUnit(BaseModule):
     """Shared parts of the residual units: shortcut, with_cp, final ReLU."""
 
@@ -292,11 +307,16 @@ class ResNet(BaseModule):
         return nn.Sequential(*units)
 
     def init_weights(self):
-        """Initialize (or load ``init_cfg``), then zero the residual ends if asked."""
+        """Initialize, then zero the residual ends if asked; or load a pretrained checkpoint.
+
+        ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=...)`` goes through
+        :func:`mmreparam.checkpoint.load_pretrained`, which also converts official OREPA /
+        DBB / RepVGG checkpoints and expands plain ImageNet ResNets into the blocks.
+        """
+        if load_pretrained_init_cfg(self):
+            return
         super().init_weights()
-        pretrained = isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == \
-            'Pretrained'
-        if self.zero_init_residual and not pretrained:
+        if self.zero_init_residual:
             for unit in self.modules():
                 if isinstance(unit, _ResUnit):
                     last = unit.conv3 if isinstance(unit, Bottleneck) else unit.conv2

@@ -133,21 +133,23 @@ class ReparamBlock(BaseModule):
             out = self.se(out)
         return self.act(out)
 
-    @torch.no_grad()
     def fold(self) -> 'ReparamBlock':
         """Replace the branches by one convolution with bias, in place.
 
-        Idempotent: a folded or ``deploy=True`` block is returned unchanged.
+        Idempotent: a folded or ``deploy=True`` block is returned unchanged. Works under
+        ``torch.no_grad`` and ``torch.inference_mode``; the new parameters are ordinary
+        tensors either way, so a folded model can still be trained.
 
         Returns:
             ReparamBlock: ``self``.
         """
         if self.reparam_conv is not None:
             return self
-        kernel, bias = self.get_equivalent_kernel_bias()
-        conv = self._new_reparam_conv(device=kernel.device, dtype=kernel.dtype)
-        conv.weight.copy_(kernel)
-        conv.bias.copy_(bias)
+        with torch.inference_mode(False), torch.no_grad():
+            kernel, bias = self.get_equivalent_kernel_bias()
+            conv = self._new_reparam_conv(device=kernel.device, dtype=kernel.dtype)
+            conv.weight.copy_(kernel)
+            conv.bias.copy_(bias)
         for name in list(self._modules):
             if name not in self._kept_on_fold:
                 delattr(self, name)

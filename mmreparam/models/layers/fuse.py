@@ -254,5 +254,5 @@ def frequency_prior(channels: int, kernel_size: int, *, dtype: Optional[torch.dt
     first_half = c < half
     freq = torch.where(first_half, c + 1, c + 1 - half)
     coord = torch.where(first_half, rows, cols)
-    prior = torch.cos(math.pi * coord * freq / kernel_size)
+    prior = torch.cos(math.pi * coord * freq / kernel_size)  # float64
     return prior.to(dtype or torch.get_default_dtype())

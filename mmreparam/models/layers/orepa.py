@@ -7,7 +7,7 @@ then only the BN fusion of the generated kernel.
 
 Parameter names follow the official implementation (JUGGHM/OREPA_CVPR2022), so that its
 training checkpoints map by key renaming. The helper tensors (identity, frequency prior) are
-non-persistent buffers here: they do not belong in checkpoints.
+non-persistent (or computed on the fly) here: they do not belong in checkpoints.
 """
 from typing import Optional, Tuple
 
@@ -86,11 +86,18 @@ class OREPAGeneratorMixin:
         init = dict(OREPA_VECTOR_INIT, **(vector_init or {}))
         self.vector = nn.Parameter(
             torch.tensor([[init[name]] * out_channels for name in self.branch_names]))
-        self.register_buffer('weight_orepa_prior', frequency_prior(out_channels, k),
-                             persistent=False)
         self.register_buffer('id_tensor',
                              identity_kernel(internal_channels, 1, groups,
                                              in_channels=in_channels), persistent=False)
+
+    def frequency_prior(self) -> Tensor:
+        """The fixed ``(out, k, k)`` prior, computed in float64 and cast to the params' dtype.
+
+        Computed on the fly (it costs ``out * k * k`` cosines), so it is exact in any dtype the
+        module is converted to.
+        """
+        return frequency_prior(self.gen_out_channels, self.gen_kernel_size,
+                               dtype=self.vector.dtype, device=self.vector.device)
 
     def _scale(self, name: str) -> Tensor:
         return self.vector[self.branch_names.index(name)].reshape(-1, 1, 1, 1)
@@ -101,7 +108,7 @@ class OREPAGeneratorMixin:
         kernel = self.weight_orepa_origin * self._scale('origin')
         # avg: the 1x1 weight spread evenly over the k*k taps (broadcast, not materialised).
         kernel = kernel + self.weight_orepa_avg_conv * (self._scale('avg') / (k * k))
-        prior = self.weight_orepa_prior.unsqueeze(1) * self._scale('prior')
+        prior = self.frequency_prior().unsqueeze(1) * self._scale('prior')
         kernel = kernel + self.weight_orepa_pfir_conv * prior
         if 'conv1x1' in self.branch_names:
             kernel = kernel + pad_kernel(self.weight_orepa_1x1 * self._scale('conv1x1'), k)

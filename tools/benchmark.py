@@ -1,0 +1,444 @@
+"""Benchmarks (``make bench``): training cost, deploy speed and fold exactness.
+
+Everything is measured side by side in one run with the same shapes, repeated, and reported
+as median with spread (min-max); ratios are to the ``base`` ResNet-50 of the same run.
+
+- ``train``: one training step (forward + backward + SGD with momentum) of ResNet-50 with
+  each ``reparam`` at two workloads (batch 32 at 224x224, batch 8 at 160x160): time, and peak
+  memory — on CPU each configuration runs in its own fresh subprocess and reports its peak
+  resident memory growth over the interpreter with torch loaded; on a GPU
+  ``torch.cuda.max_memory_allocated``;
+- ``kernel``: OREPA-ResNet-50 kernel generation alone (forward + backward), ours against a
+  literal transcription of the paper's branch equations (one einsum per branch);
+- ``block``: one OREPA 3x3 block against ConvBN (256 channels, 56x56, batch 8);
+- ``infer``: inference latency of the train-time OREPA-R50, its fold, and mmdet's ResNet-50;
+- ``fold``: fold time and fold error (fp32, fp64) per backbone, and the fold time of a whole
+  OREPA-R50 Mask R-CNN;
+- ``det``: mmdet Faster R-CNN training iteration, OREPA-R50 / R50, at 320x320.
+
+Writes ``OUT/benchmark.md`` (tables) and ``OUT/benchmark.png`` (time and memory per block type)
+and prints progress while it runs. Example::
+
+    python tools/benchmark.py --out work_dirs/bench                 # everything
+    python tools/benchmark.py --only train --workloads small --repeats 3
+"""
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+REPARAMS = ('base', 'ACB', 'DBB', 'OREPA', 'RepVGG')
+WORKLOADS = {'paper': (32, 224), 'small': (8, 160)}
+SECTIONS = ('train', 'kernel', 'block', 'infer', 'fold', 'det')
+
+
+def log(msg):
+    print(f'[bench {time.strftime("%H:%M:%S")}] {msg}', flush=True)
+
+
+def device_name(device):
+    if device == 'cuda':
+        return torch.cuda.get_device_name(0)
+    return f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+
+
+def sync(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats, warmup, device):
+    """Median, min and max seconds of ``fn()`` over ``repeats`` runs after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return dict(median=statistics.median(times), min=min(times), max=max(times))
+
+
+def rss_bytes(field='VmRSS'):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f'{field} not in /proc/self/status')
+
+
+def resnet50(reparam, **kwargs):
+    from mmreparam.models.backbones import ResNet
+    return ResNet(50, reparam=reparam, out_indices=(3, ), norm_eval=False, init_cfg=None,
+                  **kwargs)
+
+
+class Classifier(torch.nn.Module):
+    """ResNet-50 + global pooling + 1000-way linear head, as in ImageNet training."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.fc = torch.nn.Linear(2048, 1000)
+
+    def forward(self, x):
+        return self.fc(self.backbone(x)[-1].mean((2, 3)))
+
+
+def train_step_child(reparam, batch, size, repeats, warmup, device):
+    """Run in a fresh subprocess: time and peak memory of one configuration."""
+    torch.manual_seed(0)
+    base_rss = rss_bytes()
+    model = Classifier(resnet50(reparam)).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch, ), device=device)
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    stats = timed(step, repeats, warmup, device)
+    if device == 'cuda':
+        stats['peak_memory'] = torch.cuda.max_memory_allocated()
+    else:
+        stats['peak_memory'] = rss_bytes('VmHWM') - base_rss
+    stats['params'] = sum(p.numel() for p in model.parameters())
+    return stats
+
+
+def bench_train(args):
+    rows = {}
+    for workload in args.workloads:
+        batch, size = WORKLOADS[workload]
+        for reparam in args.reparams:
+            log(f'train step: ResNet-50 {reparam}, batch {batch} at {size}x{size} '
+                f'(fresh subprocess)')
+            cmd = [sys.executable, __file__, '--child', json.dumps(dict(
+                reparam=reparam, batch=batch, size=size, repeats=args.repeats,
+                warmup=args.warmup, device=args.device))]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f'benchmark child failed:\n{out.stderr[-3000:]}')
+            rows[(workload, reparam)] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = rows[(workload, reparam)]
+            log(f'    {r["median"]:.3f} s/step, peak memory {r["peak_memory"] / 2**30:.2f} GiB')
+    return rows
+
+
+def bench_kernel(args):
+    """OREPA-R50 kernel generation (all blocks), forward + backward: ours vs literal."""
+    from mmreparam.models.layers import OREPA
+    from mmreparam.testing import randomize_parameters
+    model = resnet50('OREPA').to(args.device)
+    randomize_parameters(model, ('vector', 'idconv1'), seed=0)
+    blocks = [m for m in model.modules() if isinstance(m, OREPA)]
+
+    def run(gen):
+        total = sum(gen(b).square().sum() for b in blocks)
+        total.backward()
+
+    log(f'kernel generation: {len(blocks)} OREPA 3x3 blocks of ResNet-50, ours')
+    ours = timed(lambda: run(lambda b: b.generate_kernel()), args.repeats, args.warmup,
+                 args.device)
+    log('kernel generation: literal paper equations (one einsum per branch)')
+    literal = timed(lambda: run(literal_orepa_kernel), args.repeats, args.warmup, args.device)
+    err = max((literal_orepa_kernel(b) - b.generate_kernel()).abs().max().item() /
+              b.generate_kernel().abs().max().item() for b in blocks)
+    return dict(ours=ours, literal=literal, max_rel_difference=err)
+
+
+def literal_orepa_kernel(block):
+    """OREPA's generated kernel written as the paper's branch equations, one einsum each.
+
+    Reference for the benchmark (groups = 1). Each branch kernel is formed in full and scaled
+    by its per-channel vector, then all are summed, as in the paper (and the official code).
+    """
+    import torch.nn.functional as F
+    k = block.kernel_size
+    v = block.vector
+    names = block.branch_names
+    origin = torch.einsum('oihw,o->oihw', block.weight_orepa_origin, v[names.index('origin')])
+    avg = torch.einsum('oi,hw->oihw', block.weight_orepa_avg_conv[:, :, 0, 0],
+                       torch.full((k, k), 1.0 / (k * k), device=v.device))
+    avg = torch.einsum('oihw,o->oihw', avg, v[names.index('avg')])
+    prior = torch.einsum('oi,ohw->oihw', block.weight_orepa_pfir_conv[:, :, 0, 0],
+                         block.frequency_prior())
+    prior = torch.einsum('oihw,o->oihw', prior, v[names.index('prior')])
+    conv1 = (block.weight_orepa_1x1_kxk_idconv1 + block.id_tensor)[:, :, 0, 0]
+    seq = torch.einsum('ti,othw->oihw', conv1, block.weight_orepa_1x1_kxk_conv2)
+    seq = torch.einsum('oihw,o->oihw', seq, v[names.index('conv1x1_kxk')])
+    one = F.pad(block.weight_orepa_1x1, [k // 2] * 4)
+    one = torch.einsum('oihw,o->oihw', one, v[names.index('conv1x1')])
+    i = block.in_channels
+    dw = block.weight_orepa_gconv_dw.reshape(i, -1, k, k)
+    pw = block.weight_orepa_gconv_pw[:, :, 0, 0].reshape(-1, i, dw.shape[1])
+    dwpw = torch.einsum('ithw,oit->oihw', dw, pw)
+    dwpw = torch.einsum('oihw,o->oihw', dwpw, v[names.index('dw_pw')])
+    return origin + avg + prior + seq + one + dwpw
+
+
+def bench_block(args):
+    from mmreparam.models.layers import OREPA, ConvBN
+    x = torch.randn(8, 256, 56, 56, device=args.device)
+    out = {}
+    for name, block in (('ConvBN', ConvBN(256, 256, 3)), ('OREPA', OREPA(256, 256, 3))):
+        block = block.to(args.device).train()
+        log(f'block: {name} 3x3, 256 channels, 56x56, batch 8, forward + backward')
+        out[name] = timed(lambda: block(x).sum().backward(), args.repeats, args.warmup,
+                          args.device)
+    return out
+
+
+def bench_infer(args):
+    from mmdet.models.backbones import ResNet as DetResNet
+
+    import mmreparam
+    batch, size = args.infer_shape
+    x = torch.randn(batch, 3, size, size, device=args.device)
+    train_time = resnet50('OREPA').to(args.device).eval()
+    folded = mmreparam.fold(train_time)
+    plain = DetResNet(50, out_indices=(3, )).to(args.device)
+    plain.eval()
+    out = {}
+    for name, model in (('mmdet ResNet-50', plain), ('OREPA-R50 folded', folded),
+                        ('OREPA-R50 train-time', train_time)):
+        log(f'inference: {name}, batch {batch} at {size}x{size}')
+        with torch.inference_mode():
+            out[name] = timed(lambda: model(x), args.repeats, args.warmup, args.device)
+    # Interleave the two models that should be equal, to cancel drift on a shared machine.
+    with torch.inference_mode():
+        pairs = []
+        for _ in range(args.repeats):
+            a = timed(lambda: plain(x), 1, 0, args.device)['median']
+            b = timed(lambda: folded(x), 1, 0, args.device)['median']
+            pairs.append(b / a)
+    out['folded / plain (interleaved)'] = dict(median=statistics.median(pairs),
+                                               min=min(pairs), max=max(pairs))
+    return out
+
+
+def bench_fold(args):
+    import mmreparam
+    from mmreparam.models.backbones import RepVGG
+    from mmreparam.testing import randomize_bn, randomize_parameters
+    rows = {}
+    models = {f'ResNet-50 {r}': (lambda r=r: resnet50(r)) for r in REPARAMS}
+    models['RepVGG-A0 RepVGG'] = lambda: RepVGG('A0', reparam='RepVGG')
+    models['RepVGG-A0 OREPA_VGG'] = lambda: RepVGG('A0', reparam='OREPA_VGG')
+    for name, make in models.items():
+        log(f'fold: {name}')
+        torch.manual_seed(0)
+        model = randomize_bn(randomize_parameters(make(), ('vector', 'idconv1'), seed=1))
+        model.eval()
+        start = time.perf_counter()
+        folded = mmreparam.fold(model)
+        seconds = time.perf_counter() - start
+        x = torch.randn(2, 3, 96, 96)
+        err32 = mmreparam.fold_error(model, folded, x)['max_rel']
+        model64 = copy.deepcopy(model).double()
+        err64 = mmreparam.fold_error(model64, mmreparam.fold(model64), x.double())['max_rel']
+        rows[name] = dict(seconds=seconds, fp32=err32, fp64=err64)
+    log('fold: whole OREPA-R50 Mask R-CNN (mmdet)')
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    cfg = Config.fromfile(os.path.join(os.path.dirname(__file__), '..', 'configs', 'mmdet',
+                                       'mask-rcnn_orepa-r50_fpn_1x_coco.py'))
+    init_default_scope('mmdet')
+    detector = MODELS.build(cfg.model).eval()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        mmreparam.fold(detector)
+        times.append(time.perf_counter() - start)
+    rows['Mask R-CNN OREPA-R50 (whole model, deep copy included)'] = dict(
+        seconds=statistics.median(times), fp32=float('nan'), fp64=float('nan'))
+    return rows
+
+
+def bench_det(args):
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    from mmdet.testing import demo_mm_inputs
+    root = os.path.join(os.path.dirname(__file__), '..', 'configs', 'mmdet')
+    data = demo_mm_inputs(2, image_shapes=(3, 320, 320), num_classes=80)
+    out = {}
+    for name, cfg_name in (('R50', 'faster-rcnn_base-r50_fpn_1x_coco.py'),
+                           ('OREPA-R50', 'faster-rcnn_orepa-r50_fpn_1x_coco.py')):
+        log(f'det: Faster R-CNN {name} training iteration, batch 2 at 320x320')
+        cfg = Config.fromfile(os.path.join(root, cfg_name))
+        cfg.model.backbone.init_cfg = None
+        init_default_scope('mmdet')
+        torch.manual_seed(0)
+        model = MODELS.build(cfg.model).to(args.device).train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                              momentum=0.9)
+
+        def step():
+            batch = model.data_preprocessor(copy.deepcopy(data), True)
+            losses = model(**batch, mode='loss')
+            loss = sum(v.sum() if torch.is_tensor(v) else sum(v)
+                       for k, v in losses.items() if 'loss' in k)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        out[name] = timed(step, args.repeats, args.warmup, args.device)
+    return out
+
+
+def fmt_t(stats):
+    return f'{stats["median"]:.3f} ({stats["min"]:.3f}-{stats["max"]:.3f})'
+
+
+def report(results, args, elapsed):
+    lines = [f'# mmreparam benchmark', '',
+             f'Measured {datetime.date.today()} on {device_name(args.device)} '
+             f'({args.device}), torch {torch.__version__}, median of {args.repeats} runs '
+             f'(min-max), in {elapsed / 60:.1f} min with `python tools/benchmark.py '
+             f'{" ".join(args.argv)}`.', '']
+    if 'train' in results:
+        rows = results['train']
+        lines += ['## Training step of ResNet-50 (forward + backward + SGD momentum)', '',
+                  '| workload | reparam | params | s / step | time vs base | '
+                  'peak memory (GiB) | memory vs base |', '|---|---|---|---|---|---|---|']
+        for workload in args.workloads:
+            base = rows.get((workload, 'base'))
+            for reparam in args.reparams:
+                r = rows[(workload, reparam)]
+                batch, size = WORKLOADS[workload]
+                t_ratio = r['median'] / base['median'] if base else float('nan')
+                m_ratio = r['peak_memory'] / base['peak_memory'] if base else float('nan')
+                lines.append(f'| batch {batch} @ {size} | {reparam} | {r["params"] / 1e6:.1f}M '
+                             f'| {fmt_t(r)} | {t_ratio:.2f}x | '
+                             f'{r["peak_memory"] / 2**30:.2f} | {m_ratio:.2f}x |')
+        lines.append('')
+    if 'kernel' in results:
+        k = results['kernel']
+        lines += ['## OREPA-R50 kernel generation (all 3x3 blocks, forward + backward)', '',
+                  '| implementation | s | ratio |', '|---|---|---|',
+                  f'| literal paper equations (one einsum per branch) | {fmt_t(k["literal"])} '
+                  '| 1.00x |',
+                  f'| mmreparam | {fmt_t(k["ours"])} | '
+                  f'{k["ours"]["median"] / k["literal"]["median"]:.2f}x |', '',
+                  f'Max relative difference of the generated kernels: '
+                  f'{k["max_rel_difference"]:.1e}.', '']
+    if 'block' in results:
+        b = results['block']
+        lines += ['## One 3x3 block, forward + backward (256 ch, 56x56, batch 8)', '',
+                  '| block | s | vs ConvBN |', '|---|---|---|']
+        for name, r in b.items():
+            lines.append(f'| {name} | {fmt_t(r)} | '
+                         f'{r["median"] / b["ConvBN"]["median"]:.2f}x |')
+        lines.append('')
+    if 'infer' in results:
+        r = results['infer']
+        plain = r['mmdet ResNet-50']['median']
+        batch, size = args.infer_shape
+        lines += [f'## Inference latency (batch {batch} at {size}x{size})', '',
+                  '| model | s | vs mmdet ResNet-50 |', '|---|---|---|']
+        for name, stats in r.items():
+            if name.startswith('folded /'):
+                lines.append(f'| {name} | | {stats["median"]:.3f}x '
+                             f'({stats["min"]:.3f}-{stats["max"]:.3f}) |')
+            else:
+                lines.append(f'| {name} | {fmt_t(stats)} | {stats["median"] / plain:.3f}x |')
+        lines.append('')
+    if 'fold' in results:
+        lines += ['## Fold time and exactness', '',
+                  '| model | fold time (s) | max rel error fp32 | max rel error fp64 |',
+                  '|---|---|---|---|']
+        for name, r in results['fold'].items():
+            lines.append(f'| {name} | {r["seconds"]:.3f} | {r["fp32"]:.1e} | {r["fp64"]:.1e} |')
+        lines.append('')
+    if 'det' in results:
+        d = results['det']
+        lines += ['## mmdet Faster R-CNN training iteration (batch 2 at 320x320)', '',
+                  '| backbone | s / iter | vs R50 |', '|---|---|---|']
+        for name, r in d.items():
+            lines.append(f'| {name} | {fmt_t(r)} | {r["median"] / d["R50"]["median"]:.2f}x |')
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = results['train']
+    workloads = sorted({w for w, _ in rows}, key=list(WORKLOADS).index)
+    reparams = [r for r in REPARAMS if any((w, r) in rows for w in workloads)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / len(workloads)
+    for i, workload in enumerate(workloads):
+        base = rows[(workload, 'base')]
+        xs = [j + i * width for j in range(len(reparams))]
+        batch, size = WORKLOADS[workload]
+        label = f'batch {batch} @ {size}'
+        axes[0].bar(xs, [rows[(workload, r)]['median'] / base['median'] for r in reparams],
+                    width, label=label)
+        axes[1].bar(xs, [rows[(workload, r)]['peak_memory'] / base['peak_memory']
+                         for r in reparams], width, label=label)
+    for ax, title in zip(axes, ('training step time vs base', 'peak memory vs base')):
+        ax.set_xticks([j + width * (len(workloads) - 1) / 2 for j in range(len(reparams))])
+        ax.set_xticklabels(reparams)
+        ax.axhline(1.0, color='grey', lw=0.8)
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle('ResNet-50 training cost by block type (mmreparam)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--out', default='work_dirs/bench')
+    parser.add_argument('--only', nargs='+', choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument('--reparams', nargs='+', choices=REPARAMS, default=list(REPARAMS))
+    parser.add_argument('--workloads', nargs='+', choices=list(WORKLOADS),
+                        default=list(WORKLOADS))
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--infer-shape', type=int, nargs=2, default=(8, 224),
+                        metavar=('BATCH', 'SIZE'))
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--child', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(train_step_child(**json.loads(args.child))))
+        return
+    if 'base' not in args.reparams:
+        args.reparams = ['base', *args.reparams]
+    args.argv = sys.argv[1:]
+    os.makedirs(args.out, exist_ok=True)
+    start = time.time()
+    results = {}
+    for section in SECTIONS:
+        if section in args.only:
+            results[section] = globals()[f'bench_{section}'](args)
+    table = report(results, args, time.time() - start)
+    with open(os.path.join(args.out, 'benchmark.md'), 'w') as f:
+        f.write(table + '\n')
+    if 'train' in results:
+        plot(results, os.path.join(args.out, 'benchmark.png'))
+    print('\n' + table)
+    log(f'wrote {args.out}/benchmark.md' + (' and benchmark.png' if 'train' in results else ''))
+
+
+if __name__ == '__main__':
+    main()

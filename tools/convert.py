@@ -1,0 +1,125 @@
+"""Convert a checkpoint (official OREPA / DBB / RepVGG, mmpretrain, torchvision, mmdet) into
+mmreparam's layout for one backbone.
+
+    python tools/convert.py ResNet-50_OREPA.pth.tar r50_orepa.pth --arch ResNet-50
+    python tools/convert.py resnet50-0676ba61.pth r50_dbb.pth --arch ResNet-50 --reparam DBB
+    python tools/convert.py RepVGG-A0-train.pth a0_deploy.pth --arch RepVGG-A0 --deploy
+
+The output is ``{'state_dict': <backbone state_dict>, 'meta': {...}}``, loadable with
+``init_cfg=dict(type='Pretrained', checkpoint=DST)`` on the same backbone. ``--reparam``
+defaults to the blocks the checkpoint was trained with (required for plain ResNets).
+"""
+import argparse
+import ast
+import os
+import re
+import sys
+
+import torch
+
+from mmreparam import __version__
+from mmreparam.checkpoint import (CheckpointError, detect_format, load_pretrained,
+                                  read_state_dict)
+from mmreparam.models import RepVGG, ResNet
+
+BACKBONES = dict(ResNet=ResNet, RepVGG=RepVGG)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Convert a checkpoint into the mmreparam layout of one backbone.')
+    parser.add_argument('src', help='checkpoint to convert (file or URL)')
+    parser.add_argument('dst', help='output file')
+    parser.add_argument('--arch', required=True,
+                        help='ResNet-{18,34,50,101,152}, ResNeXt-{50,101}[-GxWd], '
+                        'ResNetV1c-N, ResNetV1d-N or RepVGG-{A0,...,D2se}')
+    parser.add_argument('--reparam', default=None,
+                        help='block type (base, ACB, DBB, OREPA, RepVGG, OREPA_VGG); '
+                        'defaults to the one of the checkpoint')
+    parser.add_argument('--deploy', action='store_true', help='write the folded form')
+    parser.add_argument('--prefix', default=None,
+                        help="keep only keys under this prefix (default: 'backbone.' if any)")
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='extra backbone arguments, e.g. base_channels=32')
+    return parser.parse_args(argv)
+
+
+def backbone_cfg(arch: str, reparam: str, deploy: bool, extra: dict) -> dict:
+    """The mmreparam backbone config named by ``arch``."""
+    resnet = re.fullmatch(r'(?i)resnet(v1c|v1d)?-?(\d+)', arch)
+    resnext = re.fullmatch(r'(?i)resnext-?(\d+)(?:-(\d+)x(\d+)d)?', arch)
+    repvgg = re.fullmatch(r'(?i)repvgg-?(\w+)', arch)
+    if resnet:
+        variant, depth = resnet.groups()
+        cfg = dict(type='ResNet', depth=int(depth))
+        if variant:
+            cfg.update(deep_stem=True, avg_down=variant.lower() == 'v1d')
+    elif resnext:
+        depth, groups, width = resnext.groups()
+        cfg = dict(type='ResNet', depth=int(depth), groups=int(groups or 32),
+                   base_width=int(width or 4))
+    elif repvgg:
+        name = repvgg.group(1)
+        cfg = dict(type='RepVGG', arch=name[0].upper() + name[1:].lower())
+    else:
+        raise ValueError(f'unknown --arch {arch!r}')
+    return dict(cfg, reparam=reparam, deploy=deploy, **extra)
+
+
+def parse_set(items) -> dict:
+    """``['base_channels=32', 'style=caffe']`` -> ``{'base_channels': 32, 'style': 'caffe'}``."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition('=')
+        if not sep or not key:
+            raise ValueError(f'--set expects KEY=VALUE, got {item!r}')
+        try:
+            values[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            values[key] = text
+    return values
+
+
+def convert(args) -> None:
+    """Read, convert, save atomically, print a summary."""
+    state, prefix = read_state_dict(args.src, args.prefix)
+    fmt = detect_format(state)
+    reparam = args.reparam or fmt.reparam
+    if reparam is None:
+        raise ValueError(f'{fmt.description} does not say which blocks to use: pass --reparam')
+    cfg = backbone_cfg(args.arch, reparam, args.deploy, parse_set(args.set))
+    model = BACKBONES[cfg['type']](**{k: v for k, v in cfg.items() if k != 'type'})
+    report = load_pretrained(model, state, prefix='')
+    out = dict(state_dict=model.state_dict(),
+               meta=dict(mmreparam_version=__version__, source=os.fspath(args.src),
+                         source_format=fmt.description, prefix=prefix, backbone=cfg))
+    tmp = args.dst + '.tmp'
+    try:
+        torch.save(out, tmp)
+        os.replace(tmp, args.dst)  # atomic: DST is complete or untouched
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f'format: {fmt.description}' + (f" (prefix '{prefix}')" if prefix else ''))
+    print(f'backbone: {cfg}')
+    print(f'converted: {report.summary()}')
+    for title, keys in (('mismatched', report.mismatched), ('unused', report.unexpected),
+                        ('missing', report.missing)):
+        for key in keys:
+            print(f'  {title}: {key}')
+    print(f'saved {args.dst}')
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        convert(args)
+    except (CheckpointError, OSError, ValueError, TypeError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f'error: {message}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
