@@ -3,15 +3,12 @@ from typing import Sequence, Union
 
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from mmengine.model import BaseModule
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from ..layers import OREPAVGGBlock, RepVGGBlock
-from ..layers.base import fold_children
-from .resnet import load_pretrained_init_cfg
+from .base import ReparamBackbone
 
 _GROUPED_LAYERS = tuple(range(2, 27, 2))  # the official "optional_groupwise_layers"
 G2 = {layer: 2 for layer in _GROUPED_LAYERS}
@@ -41,7 +38,7 @@ class _CheckpointedSequential(nn.Sequential):
 
 
 @MODELS.register_module()
-class RepVGG(BaseModule):
+class RepVGG(ReparamBackbone):
     """RepVGG backbone: a stem block and four stages of RepVGG (or OREPA-VGG) blocks.
 
     Layout and names follow mmpretrain's RepVGG (``stem``, ``stage_1`` ... ``stage_4``).
@@ -156,16 +153,6 @@ class RepVGG(BaseModule):
             raise ValueError('arch num_blocks and width_factor must have the same length')
         return dict(dict(group_layer_map=None, use_se=False), **arch)
 
-    def init_weights(self):
-        """Initialize from ``init_cfg``; a ``Pretrained`` checkpoint of any supported layout.
-
-        ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=...)`` goes through
-        :func:`mmreparam.checkpoint.load_pretrained`, which also converts official RepVGG /
-        OREPA-VGG and mmpretrain RepVGG checkpoints.
-        """
-        if not load_pretrained_init_cfg(self):
-            super().init_weights()
-
     def forward(self, x: Tensor) -> tuple:
         """Return the features of the stages in ``out_indices``."""
         x = self.stem(x)
@@ -176,28 +163,6 @@ class RepVGG(BaseModule):
                 outs.append(x)
         return tuple(outs)
 
-    def _freeze_stages(self):
-        if self.frozen_stages >= 0:
-            self.stem.eval()
-            for param in self.stem.parameters():
-                param.requires_grad = False
-        for i in range(self.frozen_stages):
-            stage = getattr(self, f'stage_{i + 1}')
-            stage.eval()
-            for param in stage.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True):
-        """Set the mode, keeping frozen stages and (with ``norm_eval``) BNs in eval."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
-
-    def switch_to_deploy(self):
-        """Fold every block in place (the mmpretrain-style name of :func:`mmreparam.fold`)."""
-        fold_children(self)
-        self.deploy = True
+    def stage_modules(self):
+        """The stages ``stage_1``, ``stage_2``, ..."""
+        return [getattr(self, name) for name in self.stages]

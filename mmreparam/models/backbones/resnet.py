@@ -9,25 +9,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
-from ..layers.base import fold_children
 from ..layers.factory import ConvNorm, build_reparam_conv, check_reparam
+from .base import ReparamBackbone
 
 RELU = dict(type='ReLU', inplace=True)
 
-
-def load_pretrained_init_cfg(backbone: BaseModule) -> bool:
-    """Load ``init_cfg=dict(type='Pretrained', ...)`` through mmreparam's converter.
-
-    Returns:
-        bool: Whether a pretrained checkpoint was loaded (else normal init applies).
-    """
-    cfg = backbone.init_cfg
-    if not (isinstance(cfg, dict) and cfg.get('type') == 'Pretrained'):
-        return False
-    from ...checkpoint import load_pretrained  # the checkpoint layer builds on models
-    load_pretrained(backbone, cfg['checkpoint'], prefix=cfg.get('prefix'))
-    backbone._is_init = True
-    return True
 
 
 class _ResUnit(BaseModule):
@@ -119,7 +105,7 @@ class Bottleneck(_ResUnit):
 
 
 @MODELS.register_module()
-class ResNet(BaseModule):
+class ResNet(ReparamBackbone):
     """ResNet / ResNeXt backbone whose convolutions are re-parameterizable blocks.
 
     A drop-in for mmdet's ``ResNet`` (and mmseg's ``ResNetV1c`` / ``ResNetV1d`` through
@@ -307,16 +293,12 @@ class ResNet(BaseModule):
         return nn.Sequential(*units)
 
     def init_weights(self):
-        """Initialize, then zero the residual ends if asked; or load a pretrained checkpoint.
-
-        ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=...)`` goes through
-        :func:`mmreparam.checkpoint.load_pretrained`, which also converts official OREPA /
-        DBB / RepVGG checkpoints and expands plain ImageNet ResNets into the blocks.
-        """
-        if load_pretrained_init_cfg(self):
-            return
+        """Initialize (or load a ``Pretrained`` checkpoint of any supported layout); with
+        ``zero_init_residual`` and no checkpoint, zero the BN scales ending each unit."""
         super().init_weights()
-        if self.zero_init_residual:
+        pretrained = isinstance(self.init_cfg, dict) and \
+            self.init_cfg.get('type') == 'Pretrained'
+        if self.zero_init_residual and not pretrained:
             for unit in self.modules():
                 if isinstance(unit, _ResUnit):
                     last = unit.conv3 if isinstance(unit, Bottleneck) else unit.conv2
@@ -324,16 +306,9 @@ class ResNet(BaseModule):
                         if isinstance(m, _BatchNorm) and m.affine:
                             nn.init.constant_(m.weight, 0)
 
-    def _freeze_stages(self):
-        if self.frozen_stages >= 0:
-            self.stem.eval()
-            for param in self.stem.parameters():
-                param.requires_grad = False
-        for i in range(1, self.frozen_stages + 1):
-            layer = getattr(self, f'layer{i}')
-            layer.eval()
-            for param in layer.parameters():
-                param.requires_grad = False
+    def stage_modules(self):
+        """The residual stages ``layer1``, ``layer2``, ..."""
+        return [getattr(self, name) for name in self.res_layers]
 
     def forward(self, x: Tensor) -> tuple:
         """Return the features of the stages in ``out_indices``."""
@@ -344,21 +319,6 @@ class ResNet(BaseModule):
             if i in self.out_indices:
                 outs.append(x)
         return tuple(outs)
-
-    def train(self, mode: bool = True):
-        """Set the mode, keeping frozen stages and (with ``norm_eval``) BNs in eval."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
-
-    def switch_to_deploy(self):
-        """Fold every block in place (the mmpretrain-style name of :func:`mmreparam.fold`)."""
-        fold_children(self)
-        self.deploy = True
 
 
 __all__ = ['ResNet', 'BasicBlock', 'Bottleneck']

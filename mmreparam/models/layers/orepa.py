@@ -122,6 +122,26 @@ class OREPAGeneratorMixin:
                                       groups)
 
 
+class GeneratedKernelBlock(ReparamBlock):
+    """A block whose training form is: generate one kernel -> one conv -> one BN.
+
+    Subclasses implement ``generate_kernel()`` (differentiable); the forward pass and the fold
+    (BN fusion of the generated kernel) are shared.
+    """
+
+    def generate_kernel(self) -> Tensor:
+        """The ``(out, in/groups, k, k)`` kernel of the linear part before the BN."""
+        raise NotImplementedError
+
+    def _forward_branches(self, x: Tensor) -> Tensor:
+        return self.bn(F.conv2d(x, self.generate_kernel(), None, self.stride, self.padding,
+                                self.dilation, self.groups))
+
+    def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
+        """The generated kernel with the BN folded in."""
+        return fuse_bn(self.generate_kernel(), self.bn)
+
+
 class OREPAKernel(OREPAGeneratorMixin, nn.Module):
     """An OREPA kernel generator on its own (no convolution, no BN).
 
@@ -140,7 +160,7 @@ class OREPAKernel(OREPAGeneratorMixin, nn.Module):
 
 
 @MODELS.register_module()
-class OREPA(OREPAGeneratorMixin, ReparamBlock):
+class OREPA(OREPAGeneratorMixin, GeneratedKernelBlock):
     """OREPA ``kxk`` block: generated kernel -> one conv -> one BN (-> act).
 
     Args:
@@ -170,18 +190,9 @@ class OREPA(OREPAGeneratorMixin, ReparamBlock):
                              vector_init=vector_init)
         self.bn = build_bn(norm_cfg, out_channels)
 
-    def _forward_branches(self, x: Tensor) -> Tensor:
-        kernel = self.generate_kernel()
-        return self.bn(F.conv2d(x, kernel, None, self.stride, self.padding, self.dilation,
-                                self.groups))
-
-    def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
-        """The generated kernel with the BN folded in."""
-        return fuse_bn(self.generate_kernel(), self.bn)
-
 
 @MODELS.register_module()
-class OREPA1x1(ReparamBlock):
+class OREPA1x1(GeneratedKernelBlock):
     """OREPA ``1x1`` block: ``v0 * W + v1 * (C2 @ C1)``, then one conv and one BN.
 
     The product branch has an identity factor (a trainable matrix initialised to the
@@ -227,17 +238,9 @@ class OREPA1x1(ReparamBlock):
         return (self.weight_or1x1_origin * v[0]
                 + merge_1x1_kxk(self.weight_or1x1_l2i_conv1, None, conv2, None)[0])
 
-    def _forward_branches(self, x: Tensor) -> Tensor:
-        return self.bn(F.conv2d(x, self.generate_kernel(), None, self.stride, self.padding,
-                                self.dilation))
-
-    def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
-        """The generated kernel with the BN folded in."""
-        return fuse_bn(self.generate_kernel(), self.bn)
-
 
 @MODELS.register_module()
-class OREPALargeConv(ReparamBlock):
+class OREPALargeConv(GeneratedKernelBlock):
     """OREPA large-kernel block: ``(k-1)/2`` stacked ``3x3`` generators -> one ``kxk``.
 
     The ``kxk`` kernel (odd ``k >= 5``) is the composition of ``(k-1)/2`` OREPA ``3x3``
@@ -274,14 +277,6 @@ class OREPALargeConv(ReparamBlock):
         for i in range(1, self.num_generators):
             kernel = compose_kernels(kernel, getattr(self, f'weight{i}')().flip(-2, -1))
         return kernel
-
-    def _forward_branches(self, x: Tensor) -> Tensor:
-        return self.bn(F.conv2d(x, self.generate_kernel(), None, self.stride, self.padding,
-                                self.dilation))
-
-    def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
-        """The composed kernel with the BN folded in."""
-        return fuse_bn(self.generate_kernel(), self.bn)
 
 
 @MODELS.register_module()
