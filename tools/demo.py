@@ -21,9 +21,10 @@ import torch
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TASKS = {
     'det': dict(config='configs/demo/faster-rcnn_orepa-r50_fpn_200i_synthetic.py',
-                metric='coco/bbox_mAP', label='Faster R-CNN OREPA-R50 (mmdet), bbox mAP'),
+                metric='coco/bbox_mAP',
+                label='Faster R-CNN, OREPA-R50 half width (mmdet): bbox mAP'),
     'seg': dict(config='configs/demo/pspnet_orepa-r50-d8_200i_synthetic.py', metric='mIoU',
-                label='PSPNet OREPA-R50-D8 (mmseg), mIoU'),
+                label='PSPNet, OREPA-R50-D8 half width (mmseg): mIoU (%)'),
 }
 
 
@@ -125,7 +126,7 @@ def main():
     ]
     for label, metrics, stats, err in rows:
         lines.append(
-            f'| {label} | {metrics["train-time"]:.4f} | {metrics["folded"]:.4f} | '
+            f'| {label} | {metrics["train-time"]:.3f} | {metrics["folded"]:.3f} | '
             f'{err.get("max_rel", float("nan")):.2g} | '
             f'{stats["params"] / 1e6:.1f}M / {stats["params_folded"] / 1e6:.1f}M | '
             f'{stats["latency"] * 1e3:.0f} ms / {stats["latency_folded"] * 1e3:.0f} ms |')
