@@ -105,13 +105,22 @@ class OREPAGeneratorMixin:
     def generate_kernel(self) -> Tensor:
         """The generated ``(out, in/groups, k, k)`` kernel (differentiable)."""
         k, groups = self.gen_kernel_size, self.gen_groups
-        kernel = self.weight_orepa_origin * self._scale('origin')
-        # avg: the 1x1 weight spread evenly over the k*k taps (broadcast, not materialised).
-        kernel = kernel + self.weight_orepa_avg_conv * (self._scale('avg') / (k * k))
-        prior = self.frequency_prior().unsqueeze(1) * self._scale('prior')
-        kernel = kernel + self.weight_orepa_pfir_conv * prior
+        out, in_g = self.weight_orepa_origin.shape[:2]
+        # avg, prior and plain 1x1 are each an (out, in) weight times a fixed per-channel
+        # (k, k) pattern: one batched product forms their sum on top of the origin branch.
+        coefs = [self.weight_orepa_avg_conv * self._scale('avg'),
+                 self.weight_orepa_pfir_conv * self._scale('prior')]
+        prior = self.frequency_prior().reshape(out, k * k)
+        patterns = [torch.full_like(prior[:1], 1.0 / (k * k)).expand(out, k * k), prior]
         if 'conv1x1' in self.branch_names:
-            kernel = kernel + pad_kernel(self.weight_orepa_1x1 * self._scale('conv1x1'), k)
+            coefs.append(self.weight_orepa_1x1 * self._scale('conv1x1'))
+            centre = torch.zeros_like(prior[:1])
+            centre[0, (k * k) // 2] = 1
+            patterns.append(centre.expand(out, k * k))
+        coef = torch.stack([c.reshape(out, in_g) for c in coefs], dim=2)
+        pattern = torch.stack(patterns, dim=1)
+        origin = (self.weight_orepa_origin * self._scale('origin')).reshape(out, in_g, k * k)
+        kernel = torch.baddbmm(origin, coef, pattern).reshape(out, in_g, k, k)
         # Scale the (out, ...) side before the products, so no branch kernel is kept for
         # the backward pass of the scaling.
         conv1 = self.weight_orepa_1x1_kxk_idconv1 + self.id_tensor
@@ -233,10 +242,13 @@ class OREPA1x1(GeneratedKernelBlock):
 
     def generate_kernel(self) -> Tensor:
         """The generated ``(out, in, 1, 1)`` kernel (differentiable)."""
-        v = self.vector.reshape(2, -1, 1, 1, 1)
-        conv2 = self.weight_or1x1_l2i_conv2 * v[1]
-        return (self.weight_or1x1_origin * v[0]
-                + merge_1x1_kxk(self.weight_or1x1_l2i_conv1, None, conv2, None)[0])
+        out, in_ = self.weight_or1x1_origin.shape[:2]
+        v_origin, v_product = self.vector.unsqueeze(2)
+        # One fused GEMM: v0 * W + (v1 * C2) @ C1.
+        kernel = torch.addmm(self.weight_or1x1_origin.reshape(out, in_) * v_origin,
+                             self.weight_or1x1_l2i_conv2.reshape(out, -1) * v_product,
+                             self.weight_or1x1_l2i_conv1.reshape(-1, in_))
+        return kernel.reshape(out, in_, 1, 1)
 
 
 @MODELS.register_module()
