@@ -54,7 +54,7 @@ PY=$VENV/bin/python
 # pip, minus the machine-config noise about local index folders that do not hold a package.
 pip_() {
   "$PY" -m pip --disable-pip-version-check "$@" 2>&1 \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    | { grep --line-buffered -v "is ignored: it is neither a file nor a directory" || true; }
   return "${PIPESTATUS[0]}"
 }
 pip_ install -q --upgrade "pip>=24"
@@ -113,8 +113,8 @@ run_step "5/6 OpenMMLab packages (mmengine, mmdet, mmsegmentation, mmpretrain)"
 # One resolver call, so mmcv's and mmdet's dependencies are resolved against the pins together.
 pip_ install -q "$MMCV_WHEEL" -r "$ROOT/requirements/runtime.txt"
 
-run_step "6/6 mmreparam (editable) and test tools"
-pip_ install -q -r "$ROOT/requirements/tests.txt"
+run_step "6/6 mmreparam (editable), test and ONNX export tools"
+pip_ install -q -r "$ROOT/requirements/tests.txt" -r "$ROOT/requirements/deploy.txt"
 pip_ install -q --no-deps --no-build-isolation -e "$ROOT"
 
 CURRENT_STEP="import check"

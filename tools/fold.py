@@ -23,6 +23,9 @@ def parse_args():
     parser.add_argument('--shape', type=int, nargs=2, default=(224, 224),
                         help='input size for the fold check when no dataset batch can be '
                         'loaded (default: 224 224)')
+    parser.add_argument('--onnx', action='store_true',
+                        help='also export the folded backbone to OUT_DIR/deploy_backbone.onnx, '
+                        'check it with onnxruntime and print its op counts')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, key=value (as in the upstream tools)')
     return parser.parse_args()
@@ -103,6 +106,19 @@ def main():
           f'parameters; fold error on {where}: max abs {err["max_abs"]:.3g}, '
           f'max rel {err["max_rel"]:.3g}')
     print(f'wrote {paths["checkpoint"]} and {paths["config"]}')
+    if args.onnx:
+        export_backbone_onnx(folded, args.out_dir, args.shape)
+
+
+def export_backbone_onnx(folded, out_dir, shape):
+    """Export the folded backbone, check it with onnxruntime, print its op census."""
+    from mmreparam.apis.onnx import export_onnx, onnx_op_counts, onnxruntime_error
+    backbone = getattr(folded, 'backbone', folded)
+    x = torch.randn(1, 3, *shape)
+    path = export_onnx(backbone, x, os.path.join(out_dir, 'deploy_backbone.onnx'))
+    err = onnxruntime_error(path, backbone, x)
+    ops = ', '.join(f'{op} {n}' for op, n in onnx_op_counts(path).items())
+    print(f'wrote {path}: onnxruntime vs PyTorch max rel error {err:.2g}; ops: {ops}')
 
 
 if __name__ == '__main__':

@@ -110,6 +110,13 @@ def test_mmdet_train_fold_test_resume(tmp_path, data):
         assert torch.allclose(pa['scores'], pb['scores'], atol=1e-4)
         assert torch.allclose(pa['bboxes'], pb['bboxes'], atol=1e-2)
 
+    # tools/fold.py offline writes the same artifacts (+ ONNX of the folded backbone).
+    offline = tmp_path / 'offline'
+    out = tool('fold.py', cfg, work / 'iter_4.pth', offline, '--onnx')
+    assert 'fold error on a test batch' in out and 'onnxruntime vs PyTorch' in out
+    check_deploy_artifacts(offline, 'mmdet')
+    assert (offline / 'deploy_backbone.onnx').exists()
+
     # --resume continues from iter_4.
     log = tool('train.py', cfg, '--work-dir', work, '--resume', '--cfg-options',
                'train_cfg.max_iters=6', 'train_cfg.val_interval=6')
