@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-all demo clean-env
+.PHONY: env test test-all demo bench clean-env
 
 env:
 	@bash tools/bootstrap.sh
@@ -22,3 +22,7 @@ clean-env:
 # Train, fold and test an OREPA-R50 detector and segmentor on generated data (CPU).
 demo: env
 	$(PY) tools/demo.py
+
+# Benchmarks (about 10 minutes on 2 CPU cores); writes docs/benchmark/benchmark.{md,png}.
+bench: env
+	$(PY) tools/benchmark.py --out docs/benchmark --repeats 3 --rounds 2

@@ -154,3 +154,19 @@ def test_atomic_write_keeps_the_previous_file_on_failure(tmp_path):
         atomic_write(path, fail_midway)
     assert torch.equal(torch.load(path, weights_only=True)['v'], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ['deploy.pth']  # no temp file left
+
+
+def test_every_checkpoint_exports_each_saved_checkpoint(image_folder, tmp_path):
+    hook = dict(type='mmreparam.FoldHook', every_checkpoint=True, check_batch=False)
+    runner = Runner.from_cfg(classifier_cfg(image_folder, tmp_path, hooks=[hook]))
+    runner.train()
+    from mmpretrain.registry import MODELS
+    deploy = MODELS.build(Config.fromfile(str(tmp_path / 'deploy_config.py')).model)
+    for it in (2, 4):
+        state = torch.load(tmp_path / f'deploy_iter_{it}.pth', weights_only=True)['state_dict']
+        deploy.load_state_dict(state, strict=True)
+        trained = MODELS.build(runner.cfg.model)
+        trained.load_state_dict(torch.load(tmp_path / f'iter_{it}.pth')['state_dict'])
+        assert torch.allclose(predictions(trained, image_folder),
+                              predictions(deploy, image_folder), rtol=1e-4, atol=1e-5)
+    assert (tmp_path / 'deploy.pth').exists()  # and the final export after training

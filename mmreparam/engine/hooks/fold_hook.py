@@ -76,7 +76,7 @@ class FoldHook(Hook):
                                               data_samples=batch.get('data_samples'),
                                               mode='tensor'))
 
-    def _export(self, runner, model, ckpt_name=DEPLOY_CKPT, config_name='deploy_config.py'):
+    def _export(self, runner, model, ckpt_name=DEPLOY_CKPT):
         if not is_main_process():
             return
         model.eval()
@@ -90,22 +90,26 @@ class FoldHook(Hook):
         meta = dict(iter=runner.iter, epoch=runner.epoch, fold_error=self.last_fold_error,
                     experiment_name=runner.experiment_name)
         export_deploy(folded, runner.cfg, self.out_dir or runner.work_dir, meta,
-                      ckpt_name=ckpt_name, config_name=config_name)
+                      ckpt_name=ckpt_name)
 
     def after_train(self, runner) -> None:
         """Fold a copy of the trained model and write the deploy artifacts."""
         self._export(runner, self._deploy_source(runner))
 
-    def after_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        """With ``every_checkpoint``: export the weights of the checkpoint just saved."""
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        """With ``every_checkpoint``: export the weights of the checkpoint being saved.
+
+        Runs after ``EMAHook`` has put the EMA weights into ``checkpoint['state_dict']``.
+        """
         if not self.every_checkpoint or not is_main_process():
             return
         model = copy.deepcopy(self._unwrap(runner.model))
         model.load_state_dict(checkpoint['state_dict'])
+        meta = checkpoint.get('meta', {})
         by_epoch = isinstance(runner.train_loop, EpochBasedTrainLoop)
-        tag = f'epoch_{runner.epoch}' if by_epoch else f'iter_{runner.iter}'
-        self._export(runner, model, ckpt_name=f'deploy_{tag}.pth',
-                     config_name='deploy_config.py')
+        tag = f'epoch_{meta.get("epoch", runner.epoch)}' if by_epoch else \
+            f'iter_{meta.get("iter", runner.iter)}'
+        self._export(runner, model, ckpt_name=f'deploy_{tag}.pth')
 
     def before_test(self, runner) -> None:
         """With ``fold_for_test``: test a folded copy of the model."""
