@@ -1,6 +1,7 @@
 # make demo: an OREPA-R50-D8 PSPNet trained from scratch on the synthetic Cityscapes-format
-# shapes set (tools/generate_data.py), on CPU, then folded by FoldHook. Small crops and
-# narrow heads keep it to a few minutes on 2 cores; the backbone is the full OREPA-ResNetV1c-50.
+# shapes set (tools/generate_data.py), on CPU, then folded by FoldHook. To fit a few minutes on
+# 2 cores the crops are small and the widths halved (base_channels=32): the depth, dilations
+# and block types are those of OREPA-ResNetV1c-50-D8.
 _base_ = [
     'mmseg::_base_/models/pspnet_r50-d8.py', './synthetic_cityscapes_segmentation.py',
     'mmseg::_base_/default_runtime.py', '../_base_/reparam.py'
@@ -11,9 +12,9 @@ model = dict(
     pretrained=None,
     data_preprocessor=dict(size=(128, 128)),
     backbone=dict(type='mmreparam.ResNet', reparam='OREPA', deep_stem=True,
-                  norm_cfg=norm_cfg, init_cfg=None),
-    decode_head=dict(channels=64, num_classes=4, norm_cfg=norm_cfg),
-    auxiliary_head=dict(channels=32, num_classes=4, norm_cfg=norm_cfg))
+                  base_channels=32, norm_cfg=norm_cfg, init_cfg=None),
+    decode_head=dict(in_channels=1024, channels=64, num_classes=4, norm_cfg=norm_cfg),
+    auxiliary_head=dict(in_channels=512, channels=32, num_classes=4, norm_cfg=norm_cfg))
 optim_wrapper = dict(type='OptimWrapper', clip_grad=dict(max_norm=10),
                      optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=5e-4))
 param_scheduler = [
