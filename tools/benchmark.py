@@ -281,9 +281,9 @@ def bench_fold(args):
         err64 = mmreparam.fold_error(model64, mmreparam.fold(model64), x.double())['max_rel']
         rows[name] = dict(seconds=seconds, fp32=err32, fp64=err64)
     log('fold: whole OREPA-R50 Mask R-CNN (mmdet)')
+    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
-    from mmdet.registry import MODELS
     cfg = Config.fromfile(os.path.join(os.path.dirname(__file__), '..', 'configs', 'mmdet',
                                        'mask-rcnn_orepa-r50_fpn_1x_coco.py'))
     init_default_scope('mmdet')
@@ -299,10 +299,10 @@ def bench_fold(args):
 
 
 def bench_det(args):
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
     from mmdet.registry import MODELS
     from mmdet.testing import demo_mm_inputs
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
     root = os.path.join(os.path.dirname(__file__), '..', 'configs', 'mmdet')
     data = demo_mm_inputs(2, image_shapes=(3, 320, 320), num_classes=80)
     steps = {}
@@ -338,7 +338,7 @@ def fmt_t(stats):
 
 
 def report(results, args, elapsed):
-    lines = [f'# mmreparam benchmark', '',
+    lines = ['# mmreparam benchmark', '',
              f'Measured {datetime.date.today()} on {device_name(args.device)} '
              f'({args.device}), torch {torch.__version__}, median of {args.repeats} runs '
              f'(min-max), in {elapsed / 60:.1f} min with `python tools/benchmark.py '
@@ -361,7 +361,8 @@ def report(results, args, elapsed):
         lines.append('')
     if 'kernel' in results:
         k = results['kernel']
-        lines += ['## OREPA-R50 kernel generation of its 16 OREPA 3x3 blocks (forward + backward)', '',
+        lines += ['## OREPA-R50 kernel generation of its 16 OREPA 3x3 blocks '
+                  '(forward + backward)', '',
                   '| implementation | s | ratio |', '|---|---|---|',
                   f'| literal paper equations (one einsum per branch) | {fmt_t(k["literal"])} '
                   '| 1.00x |',

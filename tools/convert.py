@@ -18,8 +18,7 @@ import sys
 import torch
 
 from mmreparam import __version__
-from mmreparam.checkpoint import (CheckpointError, detect_format, load_pretrained,
-                                  read_state_dict)
+from mmreparam.checkpoint import CheckpointError, detect_format, load_pretrained, read_state_dict
 from mmreparam.models import RepVGG, ResNet
 
 BACKBONES = dict(ResNet=ResNet, RepVGG=RepVGG)

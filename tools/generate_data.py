@@ -1,4 +1,4 @@
-"""Write the synthetic demo data sets: ``python tools/generate_data.py [--root work_dirs/demo/data]``.
+"""Write the synthetic demo data sets: ``python tools/generate_data.py [--root DIR]``.
 
 A COCO-format detection set (``ROOT/det``) and a Cityscapes-format segmentation set
 (``ROOT/seg``) of shapes on textured backgrounds; deterministic for a given ``--seed``.

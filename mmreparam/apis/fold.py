@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..models.layers.base import fold_tree
 
+
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every re-parameterizable module of ``model`` into plain convolutions.
 

@@ -1,8 +1,13 @@
 """Checkpoint loading: safe unpickling, and converting other layouts into mmreparam's."""
-from .convert import (CheckpointFormat, ConversionReport, convert_checkpoint, detect_format,
-                      load_pretrained, read_state_dict)
-from .safe_load import (CheckpointError, UnsafeCheckpointError, register_safe_globals,
-                        safe_load)
+from .convert import (
+                      CheckpointFormat,
+                      ConversionReport,
+                      convert_checkpoint,
+                      detect_format,
+                      load_pretrained,
+                      read_state_dict,
+)
+from .safe_load import CheckpointError, UnsafeCheckpointError, register_safe_globals, safe_load
 
 __all__ = [
     'CheckpointError', 'UnsafeCheckpointError', 'register_safe_globals', 'safe_load',

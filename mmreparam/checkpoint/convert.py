@@ -41,8 +41,17 @@ from mmengine.logging import print_log
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..models.layers import (ACB, DBB, OREPA, ConvBN, OREPA1x1, OREPALargeConv, OREPAVGGBlock,
-                             RepVGGBlock, ReparamBlock)
+from ..models.layers import (
+    ACB,
+    DBB,
+    OREPA,
+    ConvBN,
+    OREPA1x1,
+    OREPALargeConv,
+    OREPAVGGBlock,
+    ReparamBlock,
+    RepVGGBlock,
+)
 from ..models.layers.fuse import compose_kernels, identity_kernel
 from .safe_load import CheckpointError, safe_load
 

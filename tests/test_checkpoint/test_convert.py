@@ -21,8 +21,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmreparam.checkpoint import (CheckpointError, convert_checkpoint, detect_format,
-                                  load_pretrained, read_state_dict)
+from mmreparam.checkpoint import (
+    CheckpointError,
+    convert_checkpoint,
+    detect_format,
+    load_pretrained,
+    read_state_dict,
+)
 from mmreparam.models import OREPALargeConv, RepVGG, ResNet
 from mmreparam.testing import randomize_bn, randomize_parameters
 

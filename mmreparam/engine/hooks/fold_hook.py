@@ -1,6 +1,5 @@
 """FoldHook: write the folded model and its deploy config after training."""
 import copy
-import os.path as osp
 from typing import Optional
 
 import torch

@@ -14,8 +14,15 @@ from torch import Tensor
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from .base import ReparamBlock, build_bn
-from .fuse import (avg_kernel, bn_pad_value, fuse_bn, identity_kernel, merge_1x1_depthwise,
-                   merge_1x1_kxk, pad_kernel)
+from .fuse import (
+    avg_kernel,
+    bn_pad_value,
+    fuse_bn,
+    identity_kernel,
+    merge_1x1_depthwise,
+    merge_1x1_kxk,
+    pad_kernel,
+)
 
 
 class ConvModuleBN(nn.Module):

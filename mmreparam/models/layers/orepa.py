@@ -20,8 +20,14 @@ from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from .base import ReparamBlock, build_bn
 from .branches import RepVGGBlock
-from .fuse import (compose_kernels, dw_pw_to_full, frequency_prior, fuse_bn, identity_kernel,
-                   merge_1x1_kxk, pad_kernel)
+from .fuse import (
+    compose_kernels,
+    dw_pw_to_full,
+    frequency_prior,
+    fuse_bn,
+    identity_kernel,
+    merge_1x1_kxk,
+)
 
 #: Initial branch scales of the official OREPA block (rows of ``vector``).
 OREPA_VECTOR_INIT = dict(origin=0.25, avg=0.25, prior=0.0, conv1x1_kxk=0.5, conv1x1=1.0,

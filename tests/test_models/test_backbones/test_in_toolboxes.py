@@ -89,8 +89,8 @@ model = dict(
 
 @pytest.mark.parametrize('name', list(BACKBONES))
 def test_dilated_pspnet(tmp_path, name):
-    from mmseg.structures import SegDataSample
     from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
     backbone, channels = BACKBONES[name]
     backbone = dict(backbone)
     if name == 'resnet':  # ResNetV1c-D8: deep stem, dilated last stages

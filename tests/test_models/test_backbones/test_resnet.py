@@ -8,8 +8,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmreparam
 from mmreparam.models.backbones import ResNet
-from mmreparam.models.layers import (ACB, DBB, OREPA, OREPA1x1, ConvBN, OREPALargeConv,
-                                     OREPAVGGBlock, RepVGGBlock)
+from mmreparam.models.layers import (
+    ACB,
+    DBB,
+    OREPA,
+    ConvBN,
+    OREPA1x1,
+    OREPALargeConv,
+    OREPAVGGBlock,
+    RepVGGBlock,
+)
 from mmreparam.models.layers.factory import REPARAM_TYPES
 from mmreparam.testing import randomize_bn, randomize_parameters
 

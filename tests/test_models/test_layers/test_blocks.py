@@ -11,8 +11,17 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from mmreparam.models.layers import (ACB, DBB, OREPA, OREPA1x1, ConvBN, OREPALargeConv,
-                                     OREPAVGGBlock, RepVGGBlock, ReparamBlock)
+from mmreparam.models.layers import (
+    ACB,
+    DBB,
+    OREPA,
+    ConvBN,
+    OREPA1x1,
+    OREPALargeConv,
+    OREPAVGGBlock,
+    ReparamBlock,
+    RepVGGBlock,
+)
 from mmreparam.testing import randomize_bn, randomize_parameters
 
 # block -> (supported kernel sizes, supports groups)
