@@ -6,7 +6,7 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
-from mmreparam.apis.deploy import _registry_for, deploy_config
+from mmreparam.apis.deploy import deploy_config, models_registry
 
 CONFIGS = sorted(
     p for p in (Path(__file__).resolve().parents[1] / 'configs').rglob('*.py')
@@ -25,7 +25,7 @@ def test_config_builds_and_runs(path):
     assert cfg.model.backbone.type.startswith('mmreparam.')
     assert any(h['type'] == 'mmreparam.FoldHook' for h in cfg.custom_hooks)
     init_default_scope(scope)
-    model = _registry_for(scope).build(cfg.model).eval()
+    model = models_registry(scope).build(cfg.model).eval()
     size = 64
     if scope == 'mmdet':
         from mmdet.testing import demo_mm_inputs

@@ -22,7 +22,7 @@ def test_readme_python_examples_run():
 def test_readme_config_examples_load_and_build(tmp_path):
     from mmengine.registry import init_default_scope
 
-    from mmreparam.apis.deploy import _registry_for
+    from mmreparam.apis.deploy import models_registry
     configs = [b for b in blocks() if '_base_' in b]
     assert configs, 'README has no config example'
     for i, text in enumerate(configs):
@@ -31,4 +31,4 @@ def test_readme_config_examples_load_and_build(tmp_path):
         cfg = Config.fromfile(str(path))
         assert cfg.model.backbone.type.startswith('mmreparam.')
         init_default_scope(cfg.default_scope)
-        _registry_for(cfg.default_scope).build(cfg.model)
+        models_registry(cfg.default_scope).build(cfg.model)

@@ -34,11 +34,11 @@ def parse_args():
 def build_model(cfg):
     from mmengine.registry import init_default_scope
 
-    from mmreparam.apis.deploy import _registry_for
+    from mmreparam.apis.deploy import models_registry
     from mmreparam.apis.toolbox import detect_toolbox
     toolbox = detect_toolbox(cfg)
     init_default_scope(toolbox)
-    return _registry_for(toolbox).build(cfg.model)
+    return models_registry(toolbox).build(cfg.model)
 
 
 def load_weights(model, path):

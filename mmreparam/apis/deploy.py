@@ -44,7 +44,8 @@ def save_checkpoint_atomic(obj: Any, path: str) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _registry_for(scope: Optional[str]):
+def models_registry(scope: Optional[str]):
+    """The ``MODELS`` registry of a toolbox scope (``'mmdet'``, ...), else mmengine's root."""
     if scope:
         try:
             return __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
@@ -98,7 +99,7 @@ def deploy_config(cfg: Config) -> Config:
     """
     cfg = copy.deepcopy(cfg)
     model = cfg.model
-    count = _set_deploy(model, _registry_for(cfg.get('default_scope')))
+    count = _set_deploy(model, models_registry(cfg.get('default_scope')))
     if count == 0:
         raise ValueError('no part of cfg.model takes a deploy argument: nothing to fold')
     if isinstance(model, dict) and model.get('pretrained') is not None:
@@ -143,4 +144,4 @@ def export_deploy(folded: torch.nn.Module, cfg: Config, out_dir: str,
 
 
 __all__ = ['atomic_write', 'save_checkpoint_atomic', 'deploy_config', 'save_config_atomic',
-           'export_deploy']
+           'export_deploy', 'models_registry']

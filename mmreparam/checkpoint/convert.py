@@ -517,8 +517,6 @@ def _source_kernel(block: ReparamBlock, kind, state: StateDict, name: str,
     """Build the checkpoint's block (model geometry), load it; return kernel and affine."""
     norm_cfg = block.norm_cfg if bn_eps is None else dict(type='BN', eps=bn_eps)
     block_type, deploy = (ConvBN, True) if kind == 'deploy' else (kind, False)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # helper buffers (OREPA's prior) in float64 too
     try:
         source = block_type(block.in_channels, block.out_channels, block.kernel_size,
                             stride=block.stride, padding=block.padding,
@@ -528,8 +526,7 @@ def _source_kernel(block: ReparamBlock, kind, state: StateDict, name: str,
         raise _BlockMismatch([f'{name.rstrip(".") or "model"}: the checkpoint has a '
                               f'{block_type.__name__} here, which does not fit the model '
                               f'({err})']) from err
-    finally:
-        torch.set_default_dtype(default_dtype)
+    source.double()  # fold in float64; OREPA's helper tensors follow the parameters' dtype
     _check_shapes(name, block_type.__name__, state, source.state_dict())
     source.load_state_dict(state, strict=False)
     if deploy:

@@ -75,11 +75,11 @@ def check_deploy_artifacts(work, registry_scope):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    from mmreparam.apis.deploy import _registry_for
+    from mmreparam.apis.deploy import models_registry
     dcfg = Config.fromfile(str(work / 'deploy_config.py'))
     assert dcfg.model.backbone.deploy is True
     init_default_scope(registry_scope)
-    model = _registry_for(registry_scope).build(dcfg.model)
+    model = models_registry(registry_scope).build(dcfg.model)
     state = torch.load(work / 'deploy.pth', map_location='cpu', weights_only=True)
     model.load_state_dict(state['state_dict'], strict=True)
     assert state['meta']['fold_error']['max_rel'] < 1e-4
