@@ -179,7 +179,7 @@ def bench_train(args):
 def bench_kernel(args):
     """OREPA-R50 kernel generation (all blocks), forward + backward: ours vs literal."""
     from mmreparam.models.layers import OREPA
-    from mmreparam.testing import randomize_parameters
+    from mmreparam.testing import literal_orepa_kernel, randomize_parameters
     model = resnet50('OREPA').to(args.device)
     randomize_parameters(model, ('vector', 'idconv1'), seed=0)
     blocks = [m for m in model.modules() if isinstance(m, OREPA)]
@@ -197,36 +197,6 @@ def bench_kernel(args):
     err = max((literal_orepa_kernel(b) - b.generate_kernel()).abs().max().item() /
               b.generate_kernel().abs().max().item() for b in blocks)
     return dict(ours=ours, literal=literal, max_rel_difference=err)
-
-
-def literal_orepa_kernel(block):
-    """OREPA's generated kernel written as the paper's branch equations, one einsum each.
-
-    Reference for the benchmark (groups = 1). Each branch kernel is formed in full and scaled
-    by its per-channel vector, then all are summed, as in the paper (and the official code).
-    """
-    import torch.nn.functional as F
-    k = block.kernel_size
-    v = block.vector
-    names = block.branch_names
-    origin = torch.einsum('oihw,o->oihw', block.weight_orepa_origin, v[names.index('origin')])
-    avg = torch.einsum('oi,hw->oihw', block.weight_orepa_avg_conv[:, :, 0, 0],
-                       torch.full((k, k), 1.0 / (k * k), device=v.device))
-    avg = torch.einsum('oihw,o->oihw', avg, v[names.index('avg')])
-    prior = torch.einsum('oi,ohw->oihw', block.weight_orepa_pfir_conv[:, :, 0, 0],
-                         block.frequency_prior())
-    prior = torch.einsum('oihw,o->oihw', prior, v[names.index('prior')])
-    conv1 = (block.weight_orepa_1x1_kxk_idconv1 + block.id_tensor)[:, :, 0, 0]
-    seq = torch.einsum('ti,othw->oihw', conv1, block.weight_orepa_1x1_kxk_conv2)
-    seq = torch.einsum('oihw,o->oihw', seq, v[names.index('conv1x1_kxk')])
-    one = F.pad(block.weight_orepa_1x1, [k // 2] * 4)
-    one = torch.einsum('oihw,o->oihw', one, v[names.index('conv1x1')])
-    i = block.in_channels
-    dw = block.weight_orepa_gconv_dw.reshape(i, -1, k, k)
-    pw = block.weight_orepa_gconv_pw[:, :, 0, 0].reshape(-1, i, dw.shape[1])
-    dwpw = torch.einsum('ithw,oit->oihw', dw, pw)
-    dwpw = torch.einsum('oihw,o->oihw', dwpw, v[names.index('dw_pw')])
-    return origin + avg + prior + seq + one + dwpw
 
 
 def bench_block(args):

@@ -20,14 +20,8 @@ from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from .base import ReparamBlock, build_bn
 from .branches import RepVGGBlock
-from .fuse import (
-    compose_kernels,
-    dw_pw_to_full,
-    frequency_prior,
-    fuse_bn,
-    identity_kernel,
-    merge_1x1_kxk,
-)
+from .fuse import compose_kernels, frequency_prior, fuse_bn, identity_kernel
+from .orepa_function import OREPA1x1KernelFunction, orepa_kernel
 
 #: Initial branch scales of the official OREPA block (rows of ``vector``).
 OREPA_VECTOR_INIT = dict(origin=0.25, avg=0.25, prior=0.0, conv1x1_kxk=0.5, conv1x1=1.0,
@@ -109,11 +103,15 @@ class OREPAGeneratorMixin:
         return self.vector[self.branch_names.index(name)].reshape(-1, 1, 1, 1)
 
     def generate_kernel(self) -> Tensor:
-        """The generated ``(out, in/groups, k, k)`` kernel (differentiable)."""
-        k, groups = self.gen_kernel_size, self.gen_groups
+        """The generated ``(out, in/groups, k, k)`` kernel (differentiable).
+
+        The kernel-sized work runs in one fused autograd node
+        (:class:`~mmreparam.models.layers.orepa_function.OREPAKernelFunction`); the branches
+        that are a ``1x1`` weight times a fixed per-channel ``kxk`` pattern (average, prior,
+        centre tap) enter it as one ``(out, in/groups, p)`` coefficient tensor.
+        """
+        k = self.gen_kernel_size
         out, in_g = self.weight_orepa_origin.shape[:2]
-        # avg, prior and plain 1x1 are each an (out, in) weight times a fixed per-channel
-        # (k, k) pattern: one batched product forms their sum on top of the origin branch.
         coefs = [self.weight_orepa_avg_conv * self._scale('avg'),
                  self.weight_orepa_pfir_conv * self._scale('prior')]
         prior = self.frequency_prior().reshape(out, k * k)
@@ -125,16 +123,17 @@ class OREPAGeneratorMixin:
             patterns.append(centre.expand(out, k * k))
         coef = torch.stack([c.reshape(out, in_g) for c in coefs], dim=2)
         pattern = torch.stack(patterns, dim=1)
-        origin = (self.weight_orepa_origin * self._scale('origin')).reshape(out, in_g, k * k)
-        kernel = torch.baddbmm(origin, coef, pattern).reshape(out, in_g, k, k)
-        # Scale the (out, ...) side before the products, so no branch kernel is kept for
-        # the backward pass of the scaling.
+        vector = self.vector
         conv1 = self.weight_orepa_1x1_kxk_idconv1 + self.id_tensor
-        conv2 = self.weight_orepa_1x1_kxk_conv2 * self._scale('conv1x1_kxk')
-        kernel = kernel + merge_1x1_kxk(conv1, None, conv2, None, groups)[0]
-        pw = self.weight_orepa_gconv_pw * self._scale('dw_pw')
-        return kernel + dw_pw_to_full(self.weight_orepa_gconv_dw, pw, self.gen_in_channels,
-                                      groups)
+        with torch.autocast(vector.device.type, enabled=False):  # generate in full precision
+            return orepa_kernel(
+                self.weight_orepa_origin, vector[self.branch_names.index('origin')], coef,
+                pattern, self.weight_orepa_1x1_kxk_conv2,
+                conv1.reshape(self.internal_channels, in_g),
+                vector[self.branch_names.index('conv1x1_kxk')],
+                self.weight_orepa_gconv_pw.reshape(out, -1),
+                self.weight_orepa_gconv_dw.reshape(self.weight_orepa_gconv_dw.shape[0], k * k),
+                vector[self.branch_names.index('dw_pw')], self.gen_groups)
 
 
 class GeneratedKernelBlock(ReparamBlock):
@@ -249,11 +248,12 @@ class OREPA1x1(GeneratedKernelBlock):
     def generate_kernel(self) -> Tensor:
         """The generated ``(out, in, 1, 1)`` kernel (differentiable)."""
         out, in_ = self.weight_or1x1_origin.shape[:2]
-        v_origin, v_product = self.vector.unsqueeze(2)
-        # One fused GEMM: v0 * W + (v1 * C2) @ C1.
-        kernel = torch.addmm(self.weight_or1x1_origin.reshape(out, in_) * v_origin,
-                             self.weight_or1x1_l2i_conv2.reshape(out, -1) * v_product,
-                             self.weight_or1x1_l2i_conv1.reshape(-1, in_))
+        v_origin, v_product = self.vector
+        with torch.autocast(v_origin.device.type, enabled=False):  # full precision
+            kernel = OREPA1x1KernelFunction.apply(
+                self.weight_or1x1_origin.reshape(out, in_), v_origin,
+                self.weight_or1x1_l2i_conv2.reshape(out, -1),
+                self.weight_or1x1_l2i_conv1.reshape(-1, in_), v_product)
         return kernel.reshape(out, in_, 1, 1)
 
 
