@@ -1,7 +1,9 @@
 """Run the upstream mmdet / mmseg / mmpretrain tools for a config (``tools/train.py``,
 ``tools/test.py``): the toolbox is chosen from the config, the rest is theirs."""
+import datetime
 import importlib
 import json
+import os
 import os.path as osp
 import runpy
 import sys
@@ -50,8 +52,10 @@ def run_upstream_tool(name: str, argv: List[str], metrics_json: Optional[str] = 
     import mmreparam  # noqa: F401  (registry scope, checkpoint allow-list)
     if not argv or not osp.isfile(argv[0]):
         raise FileNotFoundError(f'config file {argv[0] if argv else None!r} does not exist')
-    toolbox = detect_toolbox(Config.fromfile(argv[0]))
+    cfg = Config.fromfile(argv[0])
+    toolbox = detect_toolbox(cfg)
     script = upstream_tool(toolbox, name)
+    argv = setup_cpu_distributed(cfg, argv)
     if metrics_json:
         _dump_test_metrics(metrics_json)
     sys.argv = [script, *argv]
@@ -81,3 +85,58 @@ def _write_json(path: str, metrics: dict) -> None:
 
 
 __all__ = ['TOOLBOXES', 'detect_toolbox', 'upstream_tool', 'run_upstream_tool']
+
+
+def _launcher(argv: List[str]) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == '--launcher' and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith('--launcher='):
+            return arg.split('=', 1)[1]
+    return None
+
+
+def setup_cpu_distributed(cfg: Config, argv: List[str]) -> List[str]:
+    """Make ``--launcher pytorch`` work without GPUs (torchrun with gloo processes).
+
+    mmengine 0.10.7's ``pytorch`` launcher calls ``torch.cuda.set_device`` and wraps the
+    model in DDP with ``device_ids=[LOCAL_RANK]``; both fail without CUDA. When no GPU is
+    visible this initializes the gloo process group from torchrun's environment (mmengine
+    then skips its own initialization) and adds ``model_wrapper_cfg.device_ids=None`` to the
+    arguments (CPU DDP). With GPUs, or without the pytorch launcher, nothing changes.
+
+    Args:
+        cfg (Config): The config being run.
+        argv (list[str]): The tool's arguments (config first).
+
+    Returns:
+        list[str]: The arguments to pass on.
+    """
+    import torch
+    import torch.distributed as dist
+    if _launcher(argv) != 'pytorch' or torch.cuda.is_available():
+        return argv
+    missing = [k for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+               if k not in os.environ]
+    if missing:
+        raise ValueError(f'--launcher pytorch needs the environment torchrun sets; missing '
+                         f'{", ".join(missing)} (start it with tools/dist_train.sh)')
+    wrapper = cfg.get('model_wrapper_cfg') or {}
+    if wrapper.get('type', 'MMDistributedDataParallel') != 'MMDistributedDataParallel':
+        raise ValueError(f'model_wrapper_cfg type {wrapper["type"]!r} is not supported on CPU '
+                         'by the pytorch launcher (only MMDistributedDataParallel)')
+    if not dist.is_initialized():
+        timeout = cfg.get('env_cfg', {}).get('dist_cfg', {}).get('timeout')
+        kwargs = {} if timeout is None else dict(timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group('gloo', **kwargs)
+    from mmengine.logging import print_log
+    print_log(f'no GPU: rank {dist.get_rank()} of {dist.get_world_size()} runs on CPU with '
+              'gloo (use norm_cfg=dict(type="mmreparam.SyncBN") for synchronized BN)',
+              logger='current')
+    options = ['model_wrapper_cfg.type=MMDistributedDataParallel',
+               'model_wrapper_cfg.device_ids=None']
+    if not wrapper:  # what mmengine passes when it builds the wrapper itself
+        options += ['model_wrapper_cfg.broadcast_buffers=False',
+                    f'model_wrapper_cfg.find_unused_parameters='
+                    f'{bool(cfg.get("find_unused_parameters", False))}']
+    return [*argv, '--cfg-options', *options]

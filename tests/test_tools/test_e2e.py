@@ -155,3 +155,50 @@ def test_tools_refuse_bad_input(tmp_path):
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
         assert 'Traceback' not in proc.stderr
 
+
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_cpu_training_with_syncbn(tmp_path, data):
+    """tools/dist_train.sh CONFIG 2 on CPU: gloo, mmreparam.SyncBN, FoldHook on rank 0."""
+    cfg = tmp_path / 'det.py'
+    cfg.write_text(DET_CFG.format(root=ROOT, data=data) + '''
+model = dict(backbone=dict(norm_cfg=dict(type='mmreparam.SyncBN', requires_grad=True)))
+train_dataloader = dict(batch_size=1)
+train_cfg = dict(max_iters=2, val_interval=2)
+default_hooks = dict(checkpoint=dict(interval=2))
+''')
+    work = tmp_path / 'work'
+    env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable, PYTHONUNBUFFERED='1')
+    proc = subprocess.run(['bash', str(ROOT / 'tools' / 'dist_train.sh'), str(cfg), '2',
+                           '--work-dir', str(work)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert 'rank 0 of 2 runs on CPU with gloo' in log and 'Distributed training: True' in log
+    assert log.count('FoldHook: fold error on a validation batch') == 1  # rank 0 only
+    check_deploy_artifacts(work, 'mmdet')
+
+    # The folded backbone computes what the trained one does (independently of the hook).
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from mmreparam.apis.deploy import models_registry
+    init_default_scope('mmdet')
+    registry = models_registry('mmdet')
+    trained = registry.build(Config.fromfile(str(cfg)).model)
+    ckpt = torch.load(work / 'iter_2.pth', map_location='cpu', weights_only=True)
+    trained.load_state_dict(ckpt['state_dict'])
+    assert type(trained.backbone.stem.bn).__name__ == 'SyncBatchNorm'
+    folded = registry.build(Config.fromfile(str(work / 'deploy_config.py')).model)
+    folded.load_state_dict(torch.load(work / 'deploy.pth', map_location='cpu',
+                                      weights_only=True)['state_dict'])
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        for a, b in zip(trained.eval().backbone(x), folded.eval().backbone(x)):
+            assert (a - b).abs().max() <= 1e-4 * a.abs().max()
