@@ -4,6 +4,7 @@ metrics as JSON."""
 import sys
 
 from mmreparam.apis.toolbox import run_upstream_tool
+from mmreparam.checkpoint import CheckpointError
 
 
 def main():
@@ -20,7 +21,7 @@ def main():
         del argv[i:i + 2]
     try:
         run_upstream_tool('test.py', argv, metrics_json=metrics_json)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
         sys.exit(f'tools/test.py: error: {err}')
 
 

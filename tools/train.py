@@ -3,6 +3,7 @@ train.py arguments]`` (e.g. ``--work-dir``, ``--resume``, ``--amp``, ``--cfg-opt
 import sys
 
 from mmreparam.apis.toolbox import run_upstream_tool
+from mmreparam.checkpoint import CheckpointError
 
 
 def main():
@@ -11,7 +12,7 @@ def main():
         sys.exit(0 if len(sys.argv) >= 2 else 2)
     try:
         run_upstream_tool('train.py', sys.argv[1:])
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
         sys.exit(f'tools/train.py: error: {err}')
 
 

@@ -49,6 +49,31 @@ class ReparamBackbone(BaseModule):
             return
         super().init_weights()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Refuse a checkpoint of the other form (train-time vs folded) with a clear error.
+
+        Loaded non-strictly (as mmengine's ``load_checkpoint`` and ``tools/test.py`` do), a
+        train-time checkpoint in a ``deploy=True`` model, or a folded one in a train-time
+        model, would leave every block at its initialization with only a warning.
+        """
+        incoming = [k for k in state_dict if k.startswith(prefix)]
+        own = self.state_dict(keep_vars=True)
+        own_folded = any('.reparam_conv.' in k for k in own)
+        in_folded = any('.reparam_conv.' in k for k in incoming)
+        foreign = [k for k in incoming if k[len(prefix):] not in own]
+        if incoming and foreign and own_folded != in_folded:
+            from ...checkpoint import CheckpointError  # the checkpoint layer builds on models
+            if own_folded:
+                raise CheckpointError(
+                    f'{type(self).__name__} (prefix {prefix!r}) is folded (deploy=True) but '
+                    f'the checkpoint holds train-time weights (e.g. {foreign[0]!r}): load it '
+                    'into the train-time config, or fold it first with tools/fold.py')
+            raise CheckpointError(
+                f'{type(self).__name__} (prefix {prefix!r}) is a train-time model but the '
+                f'checkpoint holds folded weights (e.g. {foreign[0]!r}): use the deploy '
+                'config (deploy=True), or init_cfg=dict(type="Pretrained", ...), which converts')
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def switch_to_deploy(self):
         """Fold every block in place (the mmpretrain-style name of :func:`mmreparam.fold`)."""
         fold_children(self)
