@@ -26,7 +26,8 @@ def test_config_builds_and_runs(path):
     assert any(h['type'] == 'mmreparam.FoldHook' for h in cfg.custom_hooks)
     init_default_scope(scope)
     model = models_registry(scope).build(cfg.model).eval()
-    size = 64
+    # Backbones built for one input size (RepMLPResNet's global perceptron) run at it.
+    size = cfg.model.backbone.get('img_size', 64)
     if scope == 'mmdet':
         from mmdet.testing import demo_mm_inputs
         data = demo_mm_inputs(1, image_shapes=(3, 128, 128), with_mask=True)

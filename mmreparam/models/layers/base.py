@@ -1,5 +1,5 @@
 """The protocol shared by every re-parameterizable block."""
-from typing import Optional, Tuple
+from typing import Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -133,6 +133,11 @@ class ReparamBlock(BaseModule):
             out = self.se(out)
         return self.act(out)
 
+    @property
+    def folded(self) -> bool:
+        """Whether the block is in its deploy form (``reparam_conv`` only)."""
+        return self.reparam_conv is not None
+
     def fold(self) -> 'ReparamBlock':
         """Replace the branches by one convolution with bias, in place.
 
@@ -170,18 +175,44 @@ class ReparamBlock(BaseModule):
 FOREIGN_FOLD_METHODS = ('switch_to_deploy', 'reparameterize')
 
 
+@runtime_checkable
+class Foldable(Protocol):
+    """The fold protocol of mmreparam's self-folding modules (:func:`fold_tree` uses it).
+
+    ``fold()`` turns the module into its deploy form in place and returns it; it is
+    idempotent, and the training-time branches go away with it, so nothing inside a
+    foldable module is walked. ``folded`` says whether the module is in its deploy form
+    (built with ``deploy=True`` or already folded). :class:`ReparamBlock` and
+    :class:`~mmreparam.models.layers.RepMLPBlock` follow it.
+    """
+
+    @property
+    def folded(self) -> bool:
+        """Whether the module is in its deploy form."""
+
+    def fold(self) -> nn.Module:
+        """Fold in place; a no-op when already folded. Returns the module."""
+
+
+def _is_mmreparam(module: nn.Module) -> bool:
+    """Whether the module's class or one of its bases is defined in mmreparam."""
+    return any(cls.__module__.startswith('mmreparam.') for cls in type(module).__mro__)
+
+
 def fold_tree(module: nn.Module) -> int:
     """Fold ``module`` and everything in it, top-down; return how many modules were folded.
 
-    A :class:`ReparamBlock` folds itself (its branches go away with it); another module
-    with ``switch_to_deploy()`` or ``reparameterize()`` is asked to fold itself, then its
-    children are walked too, since a foreign container may hold blocks it does not know.
+    An mmreparam module that follows the :class:`Foldable` protocol (every
+    :class:`ReparamBlock`, :class:`~mmreparam.models.layers.RepMLPBlock`) folds itself (its
+    branches go away with it); another module with ``switch_to_deploy()`` or
+    ``reparameterize()`` is asked to fold itself, then its children are walked too, since a
+    foreign container may hold blocks it does not know.
     """
-    if isinstance(module, ReparamBlock):
-        already = module.reparam_conv is not None
+    if _is_mmreparam(module) and isinstance(module, Foldable):
+        already = module.folded
         module.fold()
         return 0 if already else 1
-    if not type(module).__module__.startswith('mmreparam.'):  # ours hold ReparamBlocks
+    if not type(module).__module__.startswith('mmreparam.'):  # ours hold Foldables
         for method in FOREIGN_FOLD_METHODS:
             fn = getattr(module, method, None)
             if callable(fn):

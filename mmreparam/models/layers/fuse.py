@@ -256,3 +256,82 @@ def frequency_prior(channels: int, kernel_size: int, *, dtype: Optional[torch.dt
     coord = torch.where(first_half, rows, cols)
     prior = torch.cos(math.pi * coord * freq / kernel_size)  # float64
     return prior.to(dtype or torch.get_default_dtype())
+
+
+def fuse_preceding_bn(weight: Tensor, bias: Optional[Tensor], bn: _BatchNorm) -> KernelBias:
+    """Fold an eval-mode BatchNorm that *precedes* a linear layer into that layer.
+
+    ``fc(BN(x))`` equals ``fc'(x)`` with ``W' = W * scale`` (per input) and
+    ``b' = b + W @ shift``, where ``BN(x) = x * scale + shift`` channel by channel. The layer
+    may read each BN channel ``r`` times in a row (channel-major flattening, as when a
+    ``(C, hp, wp)`` map is flattened into ``C * hp * wp`` features).
+
+    Args:
+        weight (Tensor): ``(out, C * r)`` (``nn.Linear``) or ``(out, C * r, 1, 1)`` (a
+            ``1x1`` convolution; larger kernels are refused, their zero padding would not
+            see the BN's shift).
+        bias (Tensor | None): ``(out,)``.
+        bn (_BatchNorm): The BatchNorm over ``C`` channels.
+
+    Returns:
+        tuple[Tensor, Tensor]: The fused weight (same shape) and bias ``(out,)``.
+    """
+    if any(s != 1 for s in weight.shape[2:]):
+        raise ValueError('fuse_preceding_bn folds into a linear layer or a 1x1 convolution; '
+                         f'got a weight of shape {tuple(weight.shape)}')
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f'{type(bn).__name__} has no running statistics '
+                         '(track_running_stats=False): it has no eval-mode function to fold')
+    in_features, channels = weight.shape[1], bn.num_features
+    if in_features % channels:
+        raise ValueError(f'{in_features} input features cannot be split over {channels} BN '
+                         'channels')
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std if bn.affine else 1.0 / std
+    repeats = in_features // channels
+    scale = scale.to(weight.dtype).repeat_interleave(repeats)
+    shift = bn_pad_value(bn).to(weight.dtype).repeat_interleave(repeats)
+    matrix = weight.reshape(weight.shape[0], in_features)
+    fused_bias = matrix @ shift
+    if bias is not None:
+        fused_bias = fused_bias + bias
+    view = (1, -1) + (1, ) * (weight.dim() - 2)
+    return weight * scale.reshape(view), fused_bias
+
+
+def conv_to_fc(kernel: Tensor, bias: Optional[Tensor], input_size: Size2,
+               groups: int = 1) -> KernelBias:
+    """The fully-connected layer equal to a convolution on a fixed-size input.
+
+    RepMLP's *Locality Injection*: a stride-1 convolution with "same" zero padding
+    (``k // 2`` per side) on an ``h x w`` map is a linear map of the flattened map; this
+    returns its matrix. Features are flattened channel-major, ``(c, y, x)``, so with
+    ``groups`` the matrix is the weight of a grouped ``1x1`` convolution over
+    ``C * h * w`` channels (``reshape(-1, C_in / g * h * w, 1, 1)``). Found by convolving the
+    identity basis, so it is exact in any dtype and differentiable in ``kernel``.
+
+    Args:
+        kernel (Tensor): ``(C_out, C_in / g, kh, kw)`` with odd ``kh`` and ``kw``.
+        bias (Tensor | None): ``(C_out,)``.
+        input_size (int | tuple): ``(h, w)`` of the input map.
+        groups (int): Groups of the convolution. Defaults to 1.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``(C_out * h * w, C_in / g * h * w)`` weight and
+        ``(C_out * h * w,)`` bias.
+    """
+    h, w = _pair(input_size)
+    c_out, c_in_g, kh, kw = kernel.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f'conv_to_fc needs odd kernel sizes for "same" padding, got {kh}x{kw}')
+    if c_out % groups:
+        raise ValueError(f'{c_out} output channels cannot be split into {groups} groups')
+    features = c_in_g * h * w
+    basis = torch.eye(features, dtype=kernel.dtype, device=kernel.device)
+    basis = basis.reshape(features, c_in_g, h, w).repeat(1, groups, 1, 1)
+    # Row j of the output is the response of every output to in-group input feature j.
+    response = F.conv2d(basis, kernel, padding=(kh // 2, kw // 2), groups=groups)
+    weight = response.reshape(features, c_out * h * w).t()
+    if bias is None:
+        bias = torch.zeros(c_out, dtype=kernel.dtype, device=kernel.device)
+    return weight, bias.repeat_interleave(h * w)
