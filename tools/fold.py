@@ -75,6 +75,8 @@ def main():
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
         if not os.path.isfile(path):
             sys.exit(f'tools/fold.py: error: {what} {path!r} does not exist')
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        sys.exit(f'tools/fold.py: error: output directory {args.out_dir!r} is a file')
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         if not os.access(args.out_dir, os.W_OK):

@@ -119,9 +119,17 @@ def safe_load(source: Union[str, os.PathLike, io.IOBase]) -> Any:
                     f'refused to load checkpoint {name}: its pickle asks for code that is '
                     f'not allowed ({detail})') from err
         raise CheckpointError(f'checkpoint {name} is not a readable PyTorch checkpoint '
-                              f'(truncated or another format): {text.splitlines()[0]}'
+                              f'(truncated or another format): {_first_sentence(err)}'
                               ) from err
     except Exception as err:  # the unpickler fails in many ways on foreign bytes
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f'checkpoint {name} is not a readable PyTorch checkpoint '
-                              f'(truncated or another format): {first}') from err
+                              f'(truncated or another format): {_first_sentence(err)}'
+                              ) from err
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The first sentence of an error's message, with its type (loaders' messages are long
+    or terse: a bare ``101`` is the byte the unpickler choked on)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ''
+    text = text.split('. ')[0].rstrip('.')
+    return f'{type(err).__name__}: {text}' if text else type(err).__name__

@@ -145,9 +145,14 @@ def test_mmseg_train_fold_test(tmp_path, data):
 
 
 def test_tools_refuse_bad_input(tmp_path):
+    cfg = ROOT / 'configs' / 'mmdet' / 'faster-rcnn_orepa-r50_fpn_1x_coco.py'
+    ckpt = tmp_path / 'ckpt.pth'
+    torch.save({'state_dict': {}}, ckpt)
     for args, message in (
             (('train.py', tmp_path / 'missing.py'), 'does not exist'),
             (('fold.py', tmp_path / 'missing.py', tmp_path / 'x.pth', tmp_path), 'does not exist'),
+            (('fold.py', cfg, ckpt, ckpt), 'is a file'),
+            (('test.py', tmp_path / 'missing.py', ckpt), 'does not exist'),
     ):
         proc = subprocess.run([sys.executable, str(ROOT / 'tools' / args[0]),
                                *map(str, args[1:])], capture_output=True, text=True,
