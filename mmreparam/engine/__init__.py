@@ -1,4 +1,5 @@
-"""Training-time integration with mmengine (hooks)."""
+"""Training-time integration with mmengine (hooks, optimizer wrapper constructors)."""
 from .hooks import FoldHook
+from .optimizers import RepOptimizerConstructor, RepOptSGD
 
-__all__ = ['FoldHook']
+__all__ = ['FoldHook', 'RepOptimizerConstructor', 'RepOptSGD']
