@@ -5,6 +5,7 @@ Shared by :class:`mmreparam.engine.FoldHook` (after training) and ``tools/fold.p
 """
 import copy
 import inspect
+import logging
 import os
 import tempfile
 from typing import Any, Callable, Optional
@@ -129,15 +130,22 @@ def export_deploy(folded: torch.nn.Module, cfg: Config, out_dir: str,
         meta (dict, optional): Stored under ``meta`` in the checkpoint.
 
     Returns:
-        dict: ``checkpoint`` and ``config``, the written paths.
+        dict: ``checkpoint`` and ``config``, the written paths (``config`` is None when
+        ``cfg`` has no ``model`` dict, e.g. a Runner built from a model object).
     """
     os.makedirs(out_dir, exist_ok=True)
-    dcfg = deploy_config(cfg)
+    has_model_cfg = cfg is not None and isinstance(cfg.get('model'), dict)
+    dcfg = deploy_config(cfg) if has_model_cfg else None
     ckpt_path = os.path.join(out_dir, ckpt_name)
-    cfg_path = os.path.join(out_dir, config_name)
+    cfg_path = os.path.join(out_dir, config_name) if has_model_cfg else None
     state = {k: v.detach().cpu() for k, v in folded.state_dict().items()}
     save_checkpoint_atomic(dict(state_dict=state, meta=dict(meta or {}, deploy=True)),
                            ckpt_path)
+    if dcfg is None:
+        print_log(f'mmreparam: wrote {ckpt_path}; no deploy config, since the config has no '
+                  'model dict (a Runner built from a model object)', logger='current',
+                  level=logging.WARNING)
+        return dict(checkpoint=ckpt_path, config=None)
     save_config_atomic(dcfg, cfg_path)
     print_log(f'mmreparam: wrote {ckpt_path} and {cfg_path}', logger='current')
     return dict(checkpoint=ckpt_path, config=cfg_path)

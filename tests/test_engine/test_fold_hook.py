@@ -170,3 +170,20 @@ def test_every_checkpoint_exports_each_saved_checkpoint(image_folder, tmp_path):
         assert torch.allclose(predictions(trained, image_folder),
                               predictions(deploy, image_folder), rtol=1e-4, atol=1e-5)
     assert (tmp_path / 'deploy.pth').exists()  # and the final export after training
+
+
+def test_fold_hook_with_a_runner_built_from_objects(image_folder, tmp_path):
+    """A Runner given a model object has no model config: deploy.pth only, with a warning."""
+    from mmengine.registry import init_default_scope
+
+    from mmreparam.apis.deploy import models_registry
+    cfg = classifier_cfg(image_folder, tmp_path, max_iters=2)
+    init_default_scope('mmpretrain')
+    model = models_registry('mmpretrain').build(cfg.model)
+    kwargs = {k: v for k, v in cfg.items() if k not in ('model', 'custom_hooks')}
+    runner = Runner(model=model, custom_hooks=[dict(type='mmreparam.FoldHook')], **kwargs)
+    runner.train()
+    assert (tmp_path / 'deploy.pth').exists() and not (tmp_path / 'deploy_config.py').exists()
+    state = torch.load(tmp_path / 'deploy.pth', map_location='cpu', weights_only=True)
+    folded = mmreparam.fold(runner.model)
+    assert state['state_dict'].keys() == folded.state_dict().keys()
