@@ -10,14 +10,12 @@ from typing import Optional, Sequence, Tuple, Union
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from ..layers.factory import build_reparam_conv, check_reparam
 from ..layers.repmlp import GLOBAL_PERCEPTRONS, RepMLPBlock
-from .base import ReparamBackbone
-from .resnet import Bottleneck, _ResUnit
+from .resnet import Bottleneck, ResidualBackbone, _ResUnit
 
 RELU = dict(type='ReLU', inplace=True)
 
@@ -112,7 +110,7 @@ def _arch(unit, repmlp_widths, fc3_groups, stage_blocks=(3, 4, 6, 3), repmlp_sta
 
 
 @MODELS.register_module()
-class RepMLPResNet(ReparamBackbone):
+class RepMLPResNet(ResidualBackbone):
     """RepMLP-ResNet backbone (RepMLP-Res50, arXiv 2105.01883).
 
     A ResNet-50 (stem ``stem`` + ``maxpool``, stages ``layer1`` ... ``layer4``, the bottleneck
@@ -319,24 +317,6 @@ class RepMLPResNet(ReparamBackbone):
                     with_cp=self.with_cp, deploy=self.deploy, **kwargs)
             units.append(unit)
         return nn.Sequential(*units)
-
-    def init_weights(self):
-        """Initialize (or load a ``Pretrained`` checkpoint); with ``zero_init_residual`` and
-        no checkpoint, zero the BN scales ending each unit."""
-        super().init_weights()
-        pretrained = isinstance(self.init_cfg, dict) and \
-            self.init_cfg.get('type') == 'Pretrained'
-        if self.zero_init_residual and not pretrained:
-            for unit in self.modules():
-                if isinstance(unit, _ResUnit):
-                    last = unit.conv3 if isinstance(unit, Bottleneck) else unit.last_conv
-                    for m in last.modules():
-                        if isinstance(m, _BatchNorm) and m.affine:
-                            nn.init.constant_(m.weight, 0)
-
-    def stage_modules(self):
-        """The residual stages ``layer1``, ``layer2``, ..."""
-        return [getattr(self, name) for name in self.res_layers]
 
     def forward(self, x: Tensor) -> tuple:
         """Return the features of the stages in ``out_indices``."""

@@ -24,6 +24,11 @@ class _ResUnit(BaseModule):
         self.with_cp = with_cp
         self.relu = nn.ReLU(inplace=True)
 
+    @property
+    def last_conv(self) -> nn.Module:
+        """The block whose BN ends the residual branch (zeroed by ``zero_init_residual``)."""
+        raise NotImplementedError
+
     def _residual(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -63,6 +68,11 @@ class BasicBlock(_ResUnit):
                                         norm_cfg=norm_cfg, deploy=deploy)
         self.downsample = downsample
 
+    @property
+    def last_conv(self) -> nn.Module:
+        """``conv2``, whose BN ends the residual branch."""
+        return self.conv2
+
     def _residual(self, x: Tensor) -> Tensor:
         return self.conv2(self.conv1(x))
 
@@ -100,12 +110,39 @@ class Bottleneck(_ResUnit):
                                         norm_cfg=norm_cfg, deploy=deploy)
         self.downsample = downsample
 
+    @property
+    def last_conv(self) -> nn.Module:
+        """``conv3``, whose BN ends the residual branch."""
+        return self.conv3
+
     def _residual(self, x: Tensor) -> Tensor:
         return self.conv3(self.conv2(self.conv1(x)))
 
 
+class ResidualBackbone(ReparamBackbone):
+    """Base of the backbones built from residual units in stages ``layer1``, ``layer2``, ...
+    (named in ``self.res_layers``), with mmdet's ``zero_init_residual``."""
+
+    def init_weights(self):
+        """Initialize (or load a ``Pretrained`` checkpoint of any supported layout); with
+        ``zero_init_residual`` and no checkpoint, zero the BN scales ending each unit."""
+        super().init_weights()
+        pretrained = isinstance(self.init_cfg, dict) and \
+            self.init_cfg.get('type') == 'Pretrained'
+        if self.zero_init_residual and not pretrained:
+            for unit in self.modules():
+                if isinstance(unit, _ResUnit):
+                    for m in unit.last_conv.modules():
+                        if isinstance(m, _BatchNorm) and m.affine:
+                            nn.init.constant_(m.weight, 0)
+
+    def stage_modules(self):
+        """The residual stages ``layer1``, ``layer2``, ..."""
+        return [getattr(self, name) for name in self.res_layers]
+
+
 @MODELS.register_module()
-class ResNet(ReparamBackbone):
+class ResNet(ResidualBackbone):
     """ResNet / ResNeXt backbone whose convolutions are re-parameterizable blocks.
 
     A drop-in for mmdet's ``ResNet`` (and mmseg's ``ResNetV1c`` / ``ResNetV1d`` through
@@ -291,24 +328,6 @@ class ResNet(ReparamBackbone):
                            with_cp=self.with_cp, norm_cfg=self.norm_cfg, dcn=dcn,
                            deploy=self.deploy, groups=groups, base_width=base_width))
         return nn.Sequential(*units)
-
-    def init_weights(self):
-        """Initialize (or load a ``Pretrained`` checkpoint of any supported layout); with
-        ``zero_init_residual`` and no checkpoint, zero the BN scales ending each unit."""
-        super().init_weights()
-        pretrained = isinstance(self.init_cfg, dict) and \
-            self.init_cfg.get('type') == 'Pretrained'
-        if self.zero_init_residual and not pretrained:
-            for unit in self.modules():
-                if isinstance(unit, _ResUnit):
-                    last = unit.conv3 if isinstance(unit, Bottleneck) else unit.conv2
-                    for m in last.modules():
-                        if isinstance(m, _BatchNorm) and m.affine:
-                            nn.init.constant_(m.weight, 0)
-
-    def stage_modules(self):
-        """The residual stages ``layer1``, ``layer2``, ..."""
-        return [getattr(self, name) for name in self.res_layers]
 
     def forward(self, x: Tensor) -> tuple:
         """Return the features of the stages in ``out_indices``."""
