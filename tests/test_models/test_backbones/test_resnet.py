@@ -179,3 +179,17 @@ def test_stem_lr_mult_reaches_every_stem_parameter_only(reparam, deep_stem):
     if reparam == 'OREPA' and not deep_stem:  # the generators of the linear stem
         assert any('weight2.weight_orepa_origin' in n for n, _ in
                    model.backbone.stem.named_parameters())
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_zero_init_residual_zeroes_the_last_bn_of_each_unit(depth):
+    from torch.nn.modules.batchnorm import _BatchNorm
+    model = ResNet(depth, base_channels=8, reparam='OREPA', zero_init_residual=True)
+    model.init_weights()
+    units = [unit for layer in model.stage_modules() for unit in layer]
+    assert units
+    for unit in units:
+        last = [m for m in unit.last_conv.modules() if isinstance(m, _BatchNorm)]
+        first = [m for m in unit.conv1.modules() if isinstance(m, _BatchNorm)]
+        assert last and all((m.weight == 0).all() for m in last)
+        assert all((m.weight != 0).any() for m in first)
