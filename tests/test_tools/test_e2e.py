@@ -170,10 +170,14 @@ def free_port():
 
 
 def test_two_process_cpu_training_with_syncbn(tmp_path, data):
-    """tools/dist_train.sh CONFIG 2 on CPU: gloo, mmreparam.SyncBN, FoldHook on rank 0."""
+    """tools/dist_train.sh CONFIG 2 on CPU: an OREPA-R50 detector with mmreparam.SyncBN over
+    two gloo processes; FoldHook writes once (rank 0); the fold computes the trained model."""
     cfg = tmp_path / 'det.py'
     cfg.write_text(DET_CFG.format(root=ROOT, data=data) + '''
-model = dict(backbone=dict(norm_cfg=dict(type='mmreparam.SyncBN', requires_grad=True)))
+# OREPA-R50 at 1/8 width (depth, stem and bottlenecks as the full model), SyncBN.
+model['backbone'].update(depth=50,
+                         norm_cfg=dict(type='mmreparam.SyncBN', requires_grad=True))
+model['neck']['in_channels'] = [32, 64, 128, 256]
 train_dataloader = dict(batch_size=1)
 train_cfg = dict(max_iters=2, val_interval=2)
 default_hooks = dict(checkpoint=dict(interval=2))
@@ -200,6 +204,7 @@ default_hooks = dict(checkpoint=dict(interval=2))
     ckpt = torch.load(work / 'iter_2.pth', map_location='cpu', weights_only=True)
     trained.load_state_dict(ckpt['state_dict'])
     assert type(trained.backbone.stem.bn).__name__ == 'SyncBatchNorm'
+    assert trained.backbone.depth == 50 and trained.backbone.layer1[0].conv1.out_channels == 8
     folded = registry.build(Config.fromfile(str(work / 'deploy_config.py')).model)
     folded.load_state_dict(torch.load(work / 'deploy.pth', map_location='cpu',
                                       weights_only=True)['state_dict'])
