@@ -178,9 +178,9 @@ def test_two_process_cpu_training_with_syncbn(tmp_path, data):
 model['backbone'].update(depth=50,
                          norm_cfg=dict(type='mmreparam.SyncBN', requires_grad=True))
 model['neck']['in_channels'] = [32, 64, 128, 256]
-train_dataloader = dict(batch_size=1)
-train_cfg = dict(max_iters=2, val_interval=2)
-default_hooks = dict(checkpoint=dict(interval=2))
+train_dataloader['batch_size'] = 1
+train_cfg.update(max_iters=2, val_interval=2)
+default_hooks['checkpoint']['interval'] = 2
 ''')
     work = tmp_path / 'work'
     env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable, PYTHONUNBUFFERED='1')
