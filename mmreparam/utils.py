@@ -1,9 +1,35 @@
 """Small shared helpers and type aliases."""
-from typing import Optional, Union
+import sys
+from typing import Any, Callable, Optional, Tuple, Type, Union
 
 from mmengine.config import ConfigDict
 
 ConfigType = Union[dict, ConfigDict]
 OptConfigType = Optional[ConfigType]
 
-__all__ = ['ConfigType', 'OptConfigType']
+
+
+def run_cli(fn: Callable[..., Any], *args,
+            errors: Tuple[Type[BaseException], ...] = (OSError, ValueError, TypeError)) -> int:
+    """Run a command-line tool's body; on an expected error print one line and return 1.
+
+    The line is ``error: <first line of the message>`` on stderr (no traceback): bad input
+    to a tool is reported, not dumped.
+
+    Args:
+        fn (callable): The tool's body, called as ``fn(*args)``.
+        errors (tuple[type]): The exception types that mean bad input.
+
+    Returns:
+        int: 0 on success, 1 on one of ``errors``.
+    """
+    try:
+        fn(*args)
+    except errors as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f'error: {message}', file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ['ConfigType', 'OptConfigType', 'run_cli']

@@ -1,8 +1,12 @@
 """Shared test configuration."""
+import logging
 import os
+import sys
 
+import pytest
 import torch
 from hypothesis import settings
+from mmengine.logging import MMLogger
 
 # Deterministic property tests in CI (same examples every run); more examples locally via
 # HYPOTHESIS_PROFILE=dev.
@@ -12,3 +16,18 @@ settings.register_profile('dev', deadline=None, max_examples=200)
 settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _mmengine_log_streams():
+    """Point mmengine's console handlers at this test's stdout.
+
+    An MMLogger keeps the stream it was created with; when a test that runs a tool in-process
+    creates it under pytest's capture, that stream is closed afterwards and later log calls
+    print "--- Logging error ---" into the next test's stderr.
+    """
+    for logger in MMLogger._instance_dict.values():
+        for handler in logger.handlers:
+            if type(handler) is logging.StreamHandler:  # console, not file handlers
+                handler.stream = sys.stdout  # setStream would flush the closed one
+    yield

@@ -20,6 +20,7 @@ import torch
 from mmreparam import __version__
 from mmreparam.checkpoint import CheckpointError, detect_format, load_pretrained, read_state_dict
 from mmreparam.models import RepVGG, ResNet
+from mmreparam.utils import run_cli
 
 BACKBONES = dict(ResNet=ResNet, RepVGG=RepVGG)
 
@@ -110,14 +111,9 @@ def convert(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        convert(args)
-    except (CheckpointError, OSError, ValueError, TypeError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f'error: {message}', file=sys.stderr)
-        return 1
-    return 0
+    """Entry point; returns the exit status (1 with one ``error:`` line on bad input)."""
+    return run_cli(convert, parse_args(argv),
+                   errors=(CheckpointError, OSError, ValueError, TypeError))
 
 
 if __name__ == '__main__':

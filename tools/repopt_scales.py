@@ -91,13 +91,8 @@ def main(argv=None) -> int:
     """Entry point; returns the exit status (1 with one ``error:`` line on bad input)."""
     args = parse_args(argv)
     from mmreparam.models.backbones.repoptvgg import ScalesError
-    try:
-        run(args)
-    except (ScalesError, OSError, ValueError, TypeError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f'error: {message}', file=sys.stderr)
-        return 1
-    return 0
+    from mmreparam.utils import run_cli
+    return run_cli(run, args, errors=(ScalesError, OSError, ValueError, TypeError))
 
 
 if __name__ == '__main__':
