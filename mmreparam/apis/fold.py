@@ -13,7 +13,8 @@ from ..models.layers.base import fold_tree
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every re-parameterizable module of ``model`` into plain convolutions.
 
-    Folds mmreparam's blocks (:class:`ReparamBlock`) and other libraries' modules that
+    Folds mmreparam's blocks (every :class:`ReparamBlock`, and :class:`RepMLPBlock` into its
+    FCs: the ``Foldable`` protocol) and other libraries' modules that
     expose ``switch_to_deploy()`` (mmpretrain, mmyolo) or ``reparameterize()`` (timm), in any
     model: a backbone, a detector, a segmentor or a classifier. The fold uses the eval-mode
     function of the BatchNorms; each module's train/eval flag is restored afterwards.
