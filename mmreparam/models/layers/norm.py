@@ -85,21 +85,24 @@ class SyncBatchNorm(_BatchNorm):
         group = self.process_group or dist.group.WORLD
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
-        count = input.new_full((1, ), input.numel() // input.shape[1])
-        totals = all_reduce(torch.cat([input.sum(dims), count]), group=group)
+        # Statistics in at least float32: a float16 sum or count overflows (65504) and a
+        # bfloat16 one rounds; the output returns in the input's dtype, as torch's BNs do.
+        x = input.to(torch.promote_types(input.dtype, torch.float32))
+        count = x.new_full((1, ), input.numel() // input.shape[1])
+        totals = all_reduce(torch.cat([x.sum(dims), count]), group=group)
         total_count = totals[-1].detach()
         if total_count < 2:
             raise ValueError('SyncBatchNorm needs more than one value per channel over all '
                              f'processes in training, got input of shape {tuple(input.shape)}')
         mean = totals[:-1] / total_count
-        centred = input - mean.reshape(shape)
+        centred = x - mean.reshape(shape)
         var = all_reduce(centred.square().sum(dims), group=group) / total_count
         if self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), total_count)
         out = centred * torch.rsqrt(var + self.eps).reshape(shape)
         if self.affine:
             out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
-        return out
+        return out.to(input.dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor):

@@ -83,3 +83,28 @@ def test_blocks_take_it_and_fold():
     expected = block(x)
     block.fold()
     torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def _half_worker(rank, world, port, x, results):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    try:
+        norm = SyncBatchNorm(x.shape[1])
+        out = norm(x.chunk(world)[rank])
+        results[rank] = dict(out=out.detach(), mean=norm.running_mean)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_half_precision_inputs_keep_float32_statistics(dtype, tol):
+    """45000 values per channel: a float16 sum (or count) would overflow, a bfloat16 one round."""
+    x = (torch.rand(8, 2, 75, 75, generator=torch.Generator().manual_seed(0)) + 1).to(dtype)
+    results = mp.Manager().dict()
+    mp.spawn(_half_worker, args=(2, free_port(), x, results), nprocs=2, join=True)
+    ref = torch.nn.BatchNorm2d(2)
+    expected = ref(x.float())
+    out = torch.cat([results[0]['out'], results[1]['out']])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=tol * 4)
+    torch.testing.assert_close(results[0]['mean'], ref.running_mean, rtol=1e-5, atol=1e-6)
