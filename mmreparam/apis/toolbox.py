@@ -1,5 +1,7 @@
 """Run the upstream mmdet / mmseg / mmpretrain tools for a config (``tools/train.py``,
 ``tools/test.py``): the toolbox is chosen from the config, the rest is theirs."""
+import argparse
+import copy
 import datetime
 import importlib
 import json
@@ -96,6 +98,15 @@ def _launcher(argv: List[str]) -> Optional[str]:
     return None
 
 
+def _cfg_options(argv: List[str]) -> dict:
+    """The ``--cfg-options`` of a tool's arguments, parsed as the upstream tools do."""
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    known, _ = parser.parse_known_args(argv[1:])
+    return known.cfg_options or {}
+
+
 def setup_cpu_distributed(cfg: Config, argv: List[str]) -> List[str]:
     """Make ``--launcher pytorch`` work without GPUs (torchrun with gloo processes).
 
@@ -103,7 +114,9 @@ def setup_cpu_distributed(cfg: Config, argv: List[str]) -> List[str]:
     model in DDP with ``device_ids=[LOCAL_RANK]``; both fail without CUDA. When no GPU is
     visible this initializes the gloo process group from torchrun's environment (mmengine
     then skips its own initialization) and adds ``model_wrapper_cfg.device_ids=None`` to the
-    arguments (CPU DDP). With GPUs, or without the pytorch launcher, nothing changes.
+    arguments (CPU DDP). The decision uses the config with the arguments' own
+    ``--cfg-options`` merged, and what they set is kept. With GPUs, or without the pytorch
+    launcher, nothing changes.
 
     Args:
         cfg (Config): The config being run.
@@ -111,6 +124,10 @@ def setup_cpu_distributed(cfg: Config, argv: List[str]) -> List[str]:
 
     Returns:
         list[str]: The arguments to pass on.
+
+    Raises:
+        ValueError: torchrun's environment is missing, ``sync_bn='torch'`` (torch's SyncBN
+            cannot run on CPU), or a model wrapper other than MMDistributedDataParallel.
     """
     import torch
     import torch.distributed as dist
@@ -121,6 +138,11 @@ def setup_cpu_distributed(cfg: Config, argv: List[str]) -> List[str]:
     if missing:
         raise ValueError(f'--launcher pytorch needs the environment torchrun sets; missing '
                          f'{", ".join(missing)} (start it with tools/dist_train.sh)')
+    cfg = copy.deepcopy(cfg)
+    cfg.merge_from_dict(_cfg_options(argv))  # decide on what will run, CLI overrides included
+    if cfg.get('sync_bn') == 'torch':
+        raise ValueError("sync_bn='torch' converts BNs to torch.nn.SyncBatchNorm, which refuses "
+                         "CPU tensors; without GPUs use norm_cfg=dict(type='mmreparam.SyncBN')")
     wrapper = cfg.get('model_wrapper_cfg') or {}
     if wrapper.get('type', 'MMDistributedDataParallel') != 'MMDistributedDataParallel':
         raise ValueError(f'model_wrapper_cfg type {wrapper["type"]!r} is not supported on CPU '
