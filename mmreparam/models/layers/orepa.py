@@ -9,6 +9,7 @@ Parameter names follow the official implementation (JUGGHM/OREPA_CVPR2022), so t
 training checkpoints map by key renaming. The helper tensors (identity, frequency prior) are
 non-persistent (or computed on the fly) here: they do not belong in checkpoints.
 """
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -26,6 +27,14 @@ from .orepa_function import OREPA1x1KernelFunction, orepa_kernel
 #: Initial branch scales of the official OREPA block (rows of ``vector``).
 OREPA_VECTOR_INIT = dict(origin=0.25, avg=0.25, prior=0.0, conv1x1_kxk=0.5, conv1x1=1.0,
                          dw_pw=0.5)
+
+
+def full_precision(device_type: str):
+    """A context that turns autocast off on ``device_type`` (kernels are generated in the
+    parameters' precision); a no-op where autocast does not exist (e.g. ``meta``)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class OREPAGeneratorMixin:
@@ -125,7 +134,7 @@ class OREPAGeneratorMixin:
         pattern = torch.stack(patterns, dim=1)
         vector = self.vector
         conv1 = self.weight_orepa_1x1_kxk_idconv1 + self.id_tensor
-        with torch.autocast(vector.device.type, enabled=False):  # generate in full precision
+        with full_precision(vector.device.type):
             return orepa_kernel(
                 self.weight_orepa_origin, vector[self.branch_names.index('origin')], coef,
                 pattern, self.weight_orepa_1x1_kxk_conv2,
@@ -249,7 +258,7 @@ class OREPA1x1(GeneratedKernelBlock):
         """The generated ``(out, in, 1, 1)`` kernel (differentiable)."""
         out, in_ = self.weight_or1x1_origin.shape[:2]
         v_origin, v_product = self.vector
-        with torch.autocast(v_origin.device.type, enabled=False):  # full precision
+        with full_precision(v_origin.device.type):
             kernel = OREPA1x1KernelFunction.apply(
                 self.weight_or1x1_origin.reshape(out, in_), v_origin,
                 self.weight_or1x1_l2i_conv2.reshape(out, -1),

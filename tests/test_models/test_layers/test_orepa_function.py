@@ -130,3 +130,10 @@ def test_1x1_block_gradients_match_formula(in_, out):
     paper = torch.autograd.grad((formula * weight).sum(), params)
     for a, b in zip(ours, paper):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_meta_device_shapes():
+    """Shape probing on the meta device works (autocast does not exist there)."""
+    with torch.device('meta'):
+        assert OREPA(8, 4, 3, groups=2)(torch.randn(1, 8, 5, 5)).shape == (1, 4, 5, 5)
+        assert OREPA1x1(8, 16)(torch.randn(1, 8, 5, 5)).shape == (1, 16, 5, 5)
