@@ -56,8 +56,10 @@ class ReparamBackbone(BaseModule):
         train-time checkpoint in a ``deploy=True`` model, or a folded one in a train-time
         model, would leave every block at its initialization with only a warning.
         """
-        incoming = [k for k in state_dict if k.startswith(prefix)]
         own = self.state_dict(keep_vars=True)
+        roots = {k.split('.', 1)[0] for k in own}  # only keys of this backbone's modules
+        incoming = [k for k in state_dict
+                    if k.startswith(prefix) and k[len(prefix):].split('.', 1)[0] in roots]
         own_folded = any('.reparam_conv.' in k for k in own)
         in_folded = any('.reparam_conv.' in k for k in incoming)
         foreign = [k for k in incoming if k[len(prefix):] not in own]

@@ -41,3 +41,12 @@ def test_matching_forms_still_load():
     load_state_dict(target, folded.state_dict(), strict=True)
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(target.eval()(x), folded.eval()(x))
+
+
+def test_keys_of_other_modules_do_not_count():
+    """A whole-model dict loaded into the backbone alone: other modules' keys are not its."""
+    state = dict(small().state_dict(), **{'head.reparam_conv.weight': torch.zeros(1)})
+    load_state_dict(small(), state, strict=False)  # same form: loads
+    folded = dict(mmreparam.fold(small()).state_dict(), **{'head.fc.weight': torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="e.g. 'stem.reparam_conv"):
+        load_state_dict(small(), folded, strict=False)
