@@ -1,4 +1,5 @@
 """Small shared helpers and type aliases."""
+import ast
 import sys
 from typing import Any, Callable, Optional, Tuple, Type, Union
 
@@ -32,4 +33,24 @@ def run_cli(fn: Callable[..., Any], *args,
     return 0
 
 
-__all__ = ['ConfigType', 'OptConfigType', 'run_cli']
+def parse_key_values(items, option: str = '--set') -> dict:
+    """``['base_channels=32', 'style=caffe']`` -> ``{'base_channels': 32, 'style': 'caffe'}``.
+
+    Values are Python literals where they parse as one, else strings.
+
+    Raises:
+        ValueError: An item is not ``KEY=VALUE`` (the message names ``option``).
+    """
+    values = {}
+    for item in items:
+        key, sep, text = item.partition('=')
+        if not sep or not key:
+            raise ValueError(f'{option} expects KEY=VALUE, got {item!r}')
+        try:
+            values[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            values[key] = text
+    return values
+
+
+__all__ = ['ConfigType', 'OptConfigType', 'run_cli', 'parse_key_values']

@@ -10,7 +10,6 @@ The output is ``{'state_dict': <backbone state_dict>, 'meta': {...}}``, loadable
 defaults to the blocks the checkpoint was trained with (required for plain ResNets).
 """
 import argparse
-import ast
 import os
 import re
 import sys
@@ -20,7 +19,7 @@ import torch
 from mmreparam import __version__
 from mmreparam.checkpoint import CheckpointError, detect_format, load_pretrained, read_state_dict
 from mmreparam.models import RepVGG, ResNet
-from mmreparam.utils import run_cli
+from mmreparam.utils import parse_key_values, run_cli
 
 BACKBONES = dict(ResNet=ResNet, RepVGG=RepVGG)
 
@@ -66,20 +65,6 @@ def backbone_cfg(arch: str, reparam: str, deploy: bool, extra: dict) -> dict:
     return dict(cfg, reparam=reparam, deploy=deploy, **extra)
 
 
-def parse_set(items) -> dict:
-    """``['base_channels=32', 'style=caffe']`` -> ``{'base_channels': 32, 'style': 'caffe'}``."""
-    values = {}
-    for item in items:
-        key, sep, text = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f'--set expects KEY=VALUE, got {item!r}')
-        try:
-            values[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            values[key] = text
-    return values
-
-
 def convert(args) -> None:
     """Read, convert, save atomically, print a summary."""
     state, prefix = read_state_dict(args.src, args.prefix)
@@ -87,7 +72,7 @@ def convert(args) -> None:
     reparam = args.reparam or fmt.reparam
     if reparam is None:
         raise ValueError(f'{fmt.description} does not say which blocks to use: pass --reparam')
-    cfg = backbone_cfg(args.arch, reparam, args.deploy, parse_set(args.set))
+    cfg = backbone_cfg(args.arch, reparam, args.deploy, parse_key_values(args.set))
     model = BACKBONES[cfg['type']](**{k: v for k, v in cfg.items() if k != 'type'})
     report = load_pretrained(model, state, prefix='')
     out = dict(state_dict=model.state_dict(),

@@ -11,7 +11,6 @@ output (``{'scales': ..., 'meta': ...}``) is what ``RepOptVGG(scales=OUT)`` and 
 ``RepOptimizerConstructor``'s ``scales`` read. It is written atomically.
 """
 import argparse
-import ast
 import os
 import sys
 
@@ -30,20 +29,6 @@ def parse_args(argv=None):
         command.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
                              help='extra RepOptVGG arguments, e.g. base_channels=32')
     return parser.parse_args(argv)
-
-
-def parse_set(items) -> dict:
-    """``['base_channels=32']`` -> ``{'base_channels': 32}``."""
-    values = {}
-    for item in items:
-        key, sep, text = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f'--set expects KEY=VALUE, got {item!r}')
-        try:
-            values[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            values[key] = text
-    return values
 
 
 def build_backbone(arch: str, extra: dict):
@@ -68,7 +53,8 @@ def summary(scales) -> str:
 def run(args) -> None:
     """Read or build the scales, check them, save atomically, print a summary."""
     from mmreparam.models.backbones.repoptvgg import constant_scales, load_scales, save_scales
-    extra = parse_set(args.set)
+    from mmreparam.utils import parse_key_values
+    extra = parse_key_values(args.set)
     if args.command == 'const':
         name, backbone = build_backbone(args.arch, extra)
         scales = constant_scales(backbone)
