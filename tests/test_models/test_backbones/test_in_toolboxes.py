@@ -46,6 +46,20 @@ def build(tmp_path, text, scope):
     return model
 
 
+def seg_batch(size=64, num_classes=4, batch=2):
+    """Inputs and segmentation data samples for a train step of an mmseg model."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    data_samples = []
+    for _ in range(batch):
+        sample = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
+                                             pad_shape=(size, size)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, size, size)))
+        data_samples.append(sample)
+    return dict(inputs=[torch.randint(0, 255, (3, size, size), dtype=torch.uint8)] * batch,
+                data_samples=data_samples)
+
+
 def check_train_step_and_fold(model, data, loss_keys):
     model.train()
     batch = model.data_preprocessor(copy.deepcopy(data), True)
@@ -89,8 +103,6 @@ model = dict(
 
 @pytest.mark.parametrize('name', list(BACKBONES))
 def test_dilated_pspnet(tmp_path, name):
-    from mmengine.structures import PixelData
-    from mmseg.structures import SegDataSample
     backbone, channels = BACKBONES[name]
     backbone = dict(backbone)
     if name == 'resnet':  # ResNetV1c-D8: deep stem, dilated last stages
@@ -110,15 +122,7 @@ model = dict(
     auxiliary_head=dict(in_channels={channels[2]}, channels=16, norm_cfg=norm_cfg,
                         num_classes=4))
 ''', 'mmseg')
-    data_samples = []
-    for i in range(2):
-        sample = SegDataSample(metainfo=dict(img_shape=(64, 64), ori_shape=(64, 64),
-                                             pad_shape=(64, 64)))
-        sample.gt_sem_seg = PixelData(data=torch.randint(0, 4, (1, 64, 64)))
-        data_samples.append(sample)
-    data = dict(inputs=[torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)] * 2,
-                data_samples=data_samples)
-    check_train_step_and_fold(model, data, ('decode.loss_ce', ))
+    check_train_step_and_fold(model, seg_batch(), ('decode.loss_ce', ))
 
 
 @pytest.mark.parametrize('name', list(BACKBONES))

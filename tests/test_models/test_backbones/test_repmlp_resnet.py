@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from mmengine.config import Config
-from test_in_toolboxes import build, check_train_step_and_fold
+from test_in_toolboxes import build, check_train_step_and_fold, seg_batch
 
 import mmreparam
 from mmreparam.apis.deploy import deploy_config
@@ -136,8 +136,6 @@ model = dict(
 
 
 def test_dilated_pspnet_with_fixed_crops(tmp_path):
-    from mmengine.structures import PixelData
-    from mmseg.structures import SegDataSample
     # The paper's Cityscapes setting: fixed crops, partition GP, no dilation in c4.
     backbone = dict(type='mmreparam.RepMLPResNet', arch='bottleneck', base_channels=16,
                     strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), img_size=64,
@@ -153,13 +151,5 @@ model = dict(
     decode_head=dict(in_channels=512, channels=16, norm_cfg=norm_cfg, num_classes=4),
     auxiliary_head=dict(in_channels=256, channels=16, norm_cfg=norm_cfg, num_classes=4))
 ''', 'mmseg')
-    data_samples = []
-    for _ in range(2):
-        sample = SegDataSample(metainfo=dict(img_shape=(64, 64), ori_shape=(64, 64),
-                                             pad_shape=(64, 64)))
-        sample.gt_sem_seg = PixelData(data=torch.randint(0, 4, (1, 64, 64)))
-        data_samples.append(sample)
-    data = dict(inputs=[torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)] * 2,
-                data_samples=data_samples)
-    folded = check_train_step_and_fold(model, data, ('decode.loss_ce', ))
+    folded = check_train_step_and_fold(model, seg_batch(), ('decode.loss_ce', ))
     assert not unfolded_left(folded)
