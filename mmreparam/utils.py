@@ -1,6 +1,5 @@
 """Small shared helpers and type aliases."""
 import ast
-import sys
 from typing import Any, Callable, Optional, Tuple, Type, Union
 
 from mmengine.config import ConfigDict
@@ -11,26 +10,26 @@ OptConfigType = Optional[ConfigType]
 
 
 def run_cli(fn: Callable[..., Any], *args,
-            errors: Tuple[Type[BaseException], ...] = (OSError, ValueError, TypeError)) -> int:
-    """Run a command-line tool's body; on an expected error print one line and return 1.
+            errors: Tuple[Type[BaseException], ...] = (OSError, ValueError, TypeError)
+            ) -> Optional[str]:
+    """Run a command-line tool's body; turn an expected error into one line for the user.
 
-    The line is ``error: <first line of the message>`` on stderr (no traceback): bad input
-    to a tool is reported, not dumped.
+    Bad input to a tool is reported, not dumped: the tool prints the returned
+    ``error: <first line of the message>`` on stderr (no traceback) and exits with 1.
 
     Args:
         fn (callable): The tool's body, called as ``fn(*args)``.
         errors (tuple[type]): The exception types that mean bad input.
 
     Returns:
-        int: 0 on success, 1 on one of ``errors``.
+        str | None: None on success, else the ``error: ...`` line.
     """
     try:
         fn(*args)
     except errors as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f'error: {message}', file=sys.stderr)
-        return 1
-    return 0
+        return f'error: {message}'
+    return None
 
 
 def parse_key_values(items, option: str = '--set') -> dict:

@@ -97,8 +97,11 @@ def convert(args) -> None:
 
 def main(argv=None) -> int:
     """Entry point; returns the exit status (1 with one ``error:`` line on bad input)."""
-    return run_cli(convert, parse_args(argv),
-                   errors=(CheckpointError, OSError, ValueError, TypeError))
+    error = run_cli(convert, parse_args(argv),
+                    errors=(CheckpointError, OSError, ValueError, TypeError))
+    if error:
+        print(error, file=sys.stderr)
+    return 1 if error else 0
 
 
 if __name__ == '__main__':

@@ -78,7 +78,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mmreparam.models.backbones.repoptvgg import ScalesError
     from mmreparam.utils import run_cli
-    return run_cli(run, args, errors=(ScalesError, OSError, ValueError, TypeError))
+    error = run_cli(run, args, errors=(ScalesError, OSError, ValueError, TypeError))
+    if error:
+        print(error, file=sys.stderr)
+    return 1 if error else 0
 
 
 if __name__ == '__main__':
