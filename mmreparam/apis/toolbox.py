@@ -89,22 +89,14 @@ def _write_json(path: str, metrics: dict) -> None:
 __all__ = ['TOOLBOXES', 'detect_toolbox', 'upstream_tool', 'run_upstream_tool']
 
 
-def _launcher(argv: List[str]) -> Optional[str]:
-    for i, arg in enumerate(argv):
-        if arg == '--launcher' and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith('--launcher='):
-            return arg.split('=', 1)[1]
-    return None
-
-
-def _cfg_options(argv: List[str]) -> dict:
-    """The ``--cfg-options`` of a tool's arguments, parsed as the upstream tools do."""
+def _launch_args(argv: List[str]) -> argparse.Namespace:
+    """``--launcher`` and ``--cfg-options`` of a tool's arguments, parsed as the upstream
+    tools parse them (the rest is left to them)."""
     from mmengine.config import DictAction
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
-    known, _ = parser.parse_known_args(argv[1:])
-    return known.cfg_options or {}
+    parser.add_argument('--launcher')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
+    return parser.parse_known_args(argv[1:])[0]
 
 
 def setup_cpu_distributed(cfg: Config, argv: List[str]) -> List[str]:
@@ -131,7 +123,8 @@ def setup_cpu_distributed(cfg: Config, argv: List[str]) -> List[str]:
     """
     import torch
     import torch.distributed as dist
-    if _launcher(argv) != 'pytorch' or torch.cuda.is_available():
+    launch = _launch_args(argv)
+    if launch.launcher != 'pytorch' or torch.cuda.is_available():
         return argv
     missing = [k for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
                if k not in os.environ]
@@ -139,7 +132,7 @@ def setup_cpu_distributed(cfg: Config, argv: List[str]) -> List[str]:
         raise ValueError(f'--launcher pytorch needs the environment torchrun sets; missing '
                          f'{", ".join(missing)} (start it with tools/dist_train.sh)')
     cfg = copy.deepcopy(cfg)
-    cfg.merge_from_dict(_cfg_options(argv))  # decide on what will run, CLI overrides included
+    cfg.merge_from_dict(launch.cfg_options)  # decide on what will run, CLI overrides included
     if cfg.get('sync_bn') == 'torch':
         raise ValueError("sync_bn='torch' converts BNs to torch.nn.SyncBatchNorm, which refuses "
                          "CPU tensors; without GPUs use norm_cfg=dict(type='mmreparam.SyncBN')")
