@@ -22,7 +22,7 @@ from ...utils import ConfigType, OptConfigType
 from .base import ReparamBlock, build_bn
 from .branches import RepVGGBlock
 from .fuse import compose_kernels, frequency_prior, fuse_bn, identity_kernel
-from .orepa_function import OREPA1x1KernelFunction, orepa_kernel
+from .orepa_function import OREPA1x1KernelFunction, OREPAKernelFunction
 
 #: Initial branch scales of the official OREPA block (rows of ``vector``).
 OREPA_VECTOR_INIT = dict(origin=0.25, avg=0.25, prior=0.0, conv1x1_kxk=0.5, conv1x1=1.0,
@@ -135,7 +135,7 @@ class OREPAGeneratorMixin:
         vector = self.vector
         conv1 = self.weight_orepa_1x1_kxk_idconv1 + self.id_tensor
         with full_precision(vector.device.type):
-            return orepa_kernel(
+            return OREPAKernelFunction.apply(
                 self.weight_orepa_origin, vector[self.branch_names.index('origin')], coef,
                 pattern, self.weight_orepa_1x1_kxk_conv2,
                 conv1.reshape(self.internal_channels, in_g),

@@ -3,11 +3,8 @@ import pytest
 import torch
 
 from mmreparam.models.layers import OREPA, OREPA1x1, OREPAVGGBlock
-from mmreparam.models.layers.orepa_function import (
-    OREPA1x1KernelFunction,
-    OREPAKernelFunction,
-    orepa_kernel,
-)
+from mmreparam.models.layers.fuse import dw_pw_to_full, merge_1x1_kxk
+from mmreparam.models.layers.orepa_function import OREPA1x1KernelFunction, OREPAKernelFunction
 from mmreparam.testing import literal_orepa_kernel, randomize_parameters
 
 F64 = torch.float64
@@ -25,6 +22,17 @@ def branch_tensors(out, in_, groups, k, internal, mult, patterns, seed=0):
             torch.randn(out, patterns, k * k, generator=gen, dtype=F64),
             rand(out, internal // groups, k, k), rand(internal, ig), rand(out),
             rand(out, ig * mult), rand(in_ * mult, k * k), rand(out))
+
+
+def reference_kernel(origin, v_origin, coef, pattern, conv2, conv1, v_seq, pw, dw, v_dwpw,
+                     groups):
+    """The same kernel with autograd's ordinary operators and the fold math of fuse.py."""
+    o, ig, kh, kw = origin.shape
+    seq = merge_1x1_kxk(conv1, None, conv2, None, groups)[0]
+    dwpw = dw_pw_to_full(dw.reshape(-1, 1, kh, kw), pw.reshape(o, -1, 1, 1), ig * groups,
+                         groups)
+    return (origin * v_origin.reshape(o, 1, 1, 1) + (coef @ pattern).reshape(origin.shape)
+            + seq * v_seq.reshape(o, 1, 1, 1) + dwpw * v_dwpw.reshape(o, 1, 1, 1))
 
 
 CASES = [  # out, in, groups, k, internal, mult, patterns
@@ -47,8 +55,8 @@ def test_fused_equals_reference(case):
     groups = case[2]
     fused_in = branch_tensors(*case, seed=1)
     ref_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in fused_in]
-    fused = orepa_kernel(*fused_in, groups)
-    ref = orepa_kernel(*ref_in, groups, fused=False)
+    fused = OREPAKernelFunction.apply(*fused_in, groups)
+    ref = reference_kernel(*ref_in, groups)
     torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
     # A non-contiguous incoming gradient, as conv backward may give.
     grad = torch.randn(fused.shape[::-1], dtype=F64).permute(3, 2, 1, 0)
