@@ -76,9 +76,9 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize with statistics over all processes (training), else as a BatchNorm."""
-        self._check_input_dim(input)
         if not self._synchronized():
-            return super().forward(input)
+            return super().forward(input)  # checks the input itself
+        self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(f'SyncBatchNorm({self.num_features}) got {input.shape[1]} '
                              'channels')
