@@ -3,20 +3,4 @@
 #   bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCESSES [test.py arguments]
 # On CPU (no GPU) torchrun starts NUM_PROCESSES gloo processes.
 set -euo pipefail
-CONFIG=$1
-CHECKPOINT=$2
-shift
-NPROC=$2
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-HERE=$(cd "$(dirname "$0")" && pwd)
-PY=${PYTHON:-$HERE/../.venv/bin/python}
-[ -x "$PY" ] || PY=python
-
-PYTHONPATH="$HERE/..:${PYTHONPATH:-}" \
-"$PY" -m torch.distributed.run \
-    --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
-    --nproc_per_node="$NPROC" --master_port="$PORT" \
-    "$HERE/test.py" "$CONFIG" "$CHECKPOINT" --launcher pytorch "${@:3}"
+exec bash "$(dirname "$0")/dist_run.sh" test.py "$3" "$1" "$2" "${@:4}"

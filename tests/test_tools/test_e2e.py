@@ -192,6 +192,14 @@ default_hooks['checkpoint']['interval'] = 2
     assert 'rank 0 of 2 runs on CPU with gloo' in log and 'Distributed training: True' in log
     assert log.count('FoldHook: fold error on a validation batch') == 1  # rank 0 only
     check_deploy_artifacts(work, 'mmdet')
+    # The folded pair tests on two processes too.
+    env['PORT'] = str(free_port())
+    proc = subprocess.run(['bash', str(ROOT / 'tools' / 'dist_test.sh'),
+                           str(work / 'deploy_config.py'), str(work / 'deploy.pth'), '2',
+                           '--work-dir', str(tmp_path / 'test')], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and 'coco/bbox_mAP:' in proc.stdout + proc.stderr, \
+        (proc.stdout + proc.stderr)[-6000:]
 
     # The folded backbone computes what the trained one does (independently of the hook).
     from mmengine.config import Config
