@@ -1,4 +1,11 @@
-"""Install mmreparam: ``pip install -e .`` (the pinned stack: ``bash tools/bootstrap.sh``)."""
+"""Install mmreparam: ``pip install -e .`` (the pinned stack: ``bash tools/bootstrap.sh``).
+
+The C++ extension ``mmreparam._ext`` (fused CPU passes of OREPA's kernel generators) is
+built against the installed torch, so install without build isolation
+(``pip install --no-build-isolation -e .``). ``MMREPARAM_WITH_OPS=0`` skips it: OREPA then
+runs its CPU generator passes with torch operators (same results, slower).
+"""
+import os
 import re
 from pathlib import Path
 
@@ -19,6 +26,26 @@ def read_requirements(name):
     return [line.split('#')[0].strip() for line in lines if line.split('#')[0].strip()]
 
 
+def extensions():
+    """``(ext_modules, cmdclass)`` for the C++ extension, or empty ones when skipped."""
+    if os.environ.get('MMREPARAM_WITH_OPS', '1') == '0':
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as exc:
+        raise SystemExit(
+            'mmreparam builds its C++ extension against the installed torch: install torch '
+            'first and use `pip install --no-build-isolation`, or set MMREPARAM_WITH_OPS=0 '
+            f'to skip the extension ({exc})') from exc
+    # -fopenmp: ATen's parallel_for is OpenMP in the header; torch's own libgomp is the one
+    # loaded at run time (same soname), so there is one OpenMP runtime in the process.
+    ext = CppExtension('mmreparam._ext', ['mmreparam/csrc/orepa_cpu.cpp'],
+                       extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'])
+    return [ext], {'build_ext': BuildExtension}
+
+
+EXT_MODULES, CMDCLASS = extensions()
+
 setup(
     name='mmreparam',
     version=read_version(),
@@ -31,5 +58,7 @@ setup(
     # mmcv is not on this list: it has no wheels on PyPI and is built by tools/bootstrap.sh.
     install_requires=read_requirements('runtime'),
     extras_require={'tests': read_requirements('tests')},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
     zip_safe=False,
 )

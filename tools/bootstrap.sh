@@ -38,6 +38,7 @@ fi
 
 inputs_hash() {
   cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$ROOT/tools/bootstrap.sh" \
+    "$ROOT"/mmreparam/csrc/* \
     | sha256sum | cut -c1-16
 }
 

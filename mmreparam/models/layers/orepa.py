@@ -117,32 +117,33 @@ class OREPAGeneratorMixin:
         The kernel-sized work runs in one fused autograd node
         (:class:`~mmreparam.models.layers.orepa_function.OREPAKernelFunction`); the branches
         that are a ``1x1`` weight times a fixed per-channel ``kxk`` pattern (average, prior,
-        centre tap) enter it as one ``(out, in/groups, p)`` coefficient tensor.
+        centre tap) enter it as one ``(out, p, in/groups)`` weight tensor with their ``(p, out)``
+        scales.
         """
         k = self.gen_kernel_size
         out, in_g = self.weight_orepa_origin.shape[:2]
-        coefs = [self.weight_orepa_avg_conv * self._scale('avg'),
-                 self.weight_orepa_pfir_conv * self._scale('prior')]
+        names = ['avg', 'prior']
+        weights = [self.weight_orepa_avg_conv, self.weight_orepa_pfir_conv]
         prior = self.frequency_prior().reshape(out, k * k)
         patterns = [torch.full_like(prior[:1], 1.0 / (k * k)).expand(out, k * k), prior]
         if 'conv1x1' in self.branch_names:
-            coefs.append(self.weight_orepa_1x1 * self._scale('conv1x1'))
+            names.append('conv1x1')
+            weights.append(self.weight_orepa_1x1)
             centre = torch.zeros_like(prior[:1])
             centre[0, (k * k) // 2] = 1
             patterns.append(centre.expand(out, k * k))
-        coef = torch.stack([c.reshape(out, in_g) for c in coefs], dim=2)
+        coef = torch.stack([w.reshape(out, in_g) for w in weights], dim=1)
         pattern = torch.stack(patterns, dim=1)
-        vector = self.vector
+        vector, index = self.vector, self.branch_names.index
+        v_coef = vector[[index(name) for name in names]]
         conv1 = self.weight_orepa_1x1_kxk_idconv1 + self.id_tensor
         with full_precision(vector.device.type):
             return OREPAKernelFunction.apply(
-                self.weight_orepa_origin, vector[self.branch_names.index('origin')], coef,
-                pattern, self.weight_orepa_1x1_kxk_conv2,
-                conv1.reshape(self.internal_channels, in_g),
-                vector[self.branch_names.index('conv1x1_kxk')],
-                self.weight_orepa_gconv_pw.reshape(out, -1),
+                self.weight_orepa_origin, vector[index('origin')], coef, v_coef, pattern,
+                self.weight_orepa_1x1_kxk_conv2, conv1.reshape(self.internal_channels, in_g),
+                vector[index('conv1x1_kxk')], self.weight_orepa_gconv_pw.reshape(out, -1),
                 self.weight_orepa_gconv_dw.reshape(self.weight_orepa_gconv_dw.shape[0], k * k),
-                vector[self.branch_names.index('dw_pw')], self.gen_groups)
+                vector[index('dw_pw')], self.gen_groups)
 
 
 class GeneratedKernelBlock(ReparamBlock):

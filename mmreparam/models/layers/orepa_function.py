@@ -3,17 +3,36 @@
 Written with autograd's ordinary operators, the generator of a ``kxk`` OREPA block runs
 some twenty elementwise passes over kernel-sized tensors (scalings, layout copies, sums of
 branch kernels) in the forward and backward passes, next to three large matrix products.
-When the batch is small those passes cost as much as the products. This module computes
-the same kernel and gradients with the products laid out as few large GEMMs and about a
-third of the elementwise passes; nothing kernel-sized is kept for the backward pass (the
-inputs are parameters, which autograd keeps anyway).
+When the batch is small those passes cost as much as the products. The functions here keep
+the products as few large GEMMs and do the rest in a handful of *passes*, each one sweep over
+kernel-sized memory; nothing kernel-sized is kept for the backward pass (the inputs are
+parameters, which autograd keeps anyway).
 
-The function is exact (no approximation): ``tests/test_models/test_layers/test_orepa_function.py``
-checks it against autograd with ``torch.autograd.gradcheck`` in float64.
+The passes exist twice, with the same arguments and results:
+
+- :class:`TorchPasses`: torch operators, for any device and dtype;
+- :class:`CPUPasses`: the compiled extension ``mmreparam._ext`` (``mmreparam/csrc/``), one
+  loop per pass, used for float32 / float64 CPU tensors when it is built (``pip install``
+  builds it; ``MMREPARAM_WITH_OPS=0`` skips it).
+
+Both are exact (no approximation): ``tests/test_models/test_layers/test_orepa_function.py``
+checks each pass of one against the other and the functions with
+``torch.autograd.gradcheck`` in float64 on both.
 """
+import logging
+from typing import Optional
+
 import torch
+from mmengine.logging import print_log
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+try:
+    from mmreparam import _ext
+except ImportError:  # built without the extension (MMREPARAM_WITH_OPS=0)
+    _ext = None
+
+_EXT_DTYPES = (torch.float32, torch.float64)
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -30,116 +49,236 @@ def _scaled(src: Tensor, scale: Tensor, out_shape, permutation) -> Tensor:
     return out
 
 
+class TorchPasses:
+    """The generators' elementwise passes, written with torch operators (any device/dtype).
+
+    Layouts (contiguous; ``o`` outputs, ``g`` groups, ``og = o / g``, ``ig`` / ``mg``
+    per-group input / internal channels, ``kk`` taps, ``p`` patterns, ``m`` depthwise
+    multiplier): ``origin (o, ig, kk)``, ``coef (o, p, ig)``, ``v_coef (p, o)``,
+    ``pattern (o, p, kk)``, ``conv2 (o, mg, kk)``, ``seq_t (o, kk, ig)``, ``pw (o, ig * m)``,
+    ``dw (g * ig * m, kk)``, vectors ``(o,)``.
+    """
+
+    @staticmethod
+    def scaled_transpose(x: Tensor, v: Tensor) -> Tensor:
+        """``(o, a, b) -> (o, b, a)``: ``out[r] = v[r] * x[r].T``, contiguous."""
+        o, a, b = x.shape
+        return _scaled(x, v.reshape(o, 1, 1), (o, b, a), (0, 2, 1))
+
+    @staticmethod
+    def combine(origin: Tensor, v0: Tensor, coef: Tensor, v_coef: Tensor, pattern: Tensor,
+                seq_t: Tensor, v_seq: Tensor, pw: Tensor, dw: Tensor, v5: Tensor,
+                groups: int) -> Tensor:
+        """The kernel ``(o, ig, kk)``: ``v0 * origin + (v_coef^T * coef)^T @ pattern +
+        v_seq * seq_t^T + v5 * (pw (x) dw)``."""
+        o, ig, kk = origin.shape
+        g, og, mult = groups, o // groups, pw.shape[1] // ig
+        kernel = origin * v0.reshape(o, 1, 1)
+        kernel.addcmul_(seq_t.transpose(1, 2), v_seq.reshape(o, 1, 1))
+        kernel.baddbmm_((coef * v_coef.t()[:, :, None]).transpose(1, 2), pattern)
+        # depthwise -> pointwise: per (group, input channel), (og, mult) @ (mult, kk).
+        pw_p = pw.reshape(g, og, ig, mult).transpose(1, 2).reshape(g * ig, og, mult)
+        dwpw = torch.bmm(pw_p, dw.reshape(g * ig, mult, kk)).reshape(g, ig, og, kk)
+        kernel.reshape(g, og, ig, kk).addcmul_(dwpw.transpose(1, 2), v5.reshape(g, og, 1, 1))
+        return kernel
+
+    @staticmethod
+    def grad_pass(grad: Tensor, origin: Tensor, v0: Tensor, coef: Tensor, v_coef: Tensor,
+                  pattern: Tensor, pw: Tensor, dw: Tensor, v5: Tensor, groups: int):
+        """From the kernel gradient ``grad (o, ig, kk)``: the gradients of ``origin``, ``v0``,
+        ``coef``, ``v_coef``, ``pw``, ``dw`` and ``v5``, and ``grad`` transposed to
+        ``(o, kk, ig)``."""
+        o, ig, kk = origin.shape
+        g, og, mult = groups, o // groups, pw.shape[1] // ig
+        g_origin = grad * v0.reshape(o, 1, 1)
+        g_v0 = _rowdot(grad, origin)
+        h = torch.bmm(pattern, grad.transpose(1, 2))  # (o, p, ig)
+        g_v_coef = (h * coef).sum(-1).t()
+        g_coef = h.mul_(v_coef.t()[:, :, None])
+        grad_t = grad.transpose(1, 2).contiguous()
+        grad_p = grad.reshape(g, og, ig, kk).transpose(1, 2).reshape(g * ig, og, kk)
+        pw_p = pw.reshape(g, og, ig, mult).transpose(1, 2)  # (g, ig, og, mult) view
+        u = torch.bmm(grad_p, dw.reshape(g * ig, mult, kk).transpose(1, 2))
+        u = u.reshape(g, ig, og, mult)
+        g_v5 = (u * pw_p).sum(dim=(1, 3)).reshape(o)
+        g_pw = _scaled(u, v5.reshape(g, 1, og, 1), (g, og, ig, mult), (0, 2, 1, 3))
+        pw_s = (pw_p * v5.reshape(g, 1, og, 1)).reshape(g * ig, og, mult)
+        g_dw = torch.bmm(pw_s.transpose(1, 2), grad_p).reshape(dw.shape)
+        return g_origin, g_v0, g_coef, g_v_coef, g_pw.reshape(pw.shape), g_dw, g_v5, grad_t
+
+    @staticmethod
+    def seq_pass(u: Tensor, conv2: Tensor, v: Tensor):
+        """From ``u (o, kk, mg)``: ``conv2``'s gradient ``v * u^T``, ``v``'s gradient
+        ``<u^T, conv2>`` per row, and ``conv2`` scaled and transposed (``(o, kk, mg)``)."""
+        o = conv2.shape[0]
+        u_t = u.transpose(1, 2).contiguous()
+        g_v = _rowdot(u_t, conv2)
+        return u_t.mul_(v.reshape(o, 1, 1)), g_v, TorchPasses.scaled_transpose(conv2, v)
+
+    @staticmethod
+    def row_scale_dot(a: Tensor, v: Tensor, b: Tensor, inplace: bool = False,
+                      v2: Optional[Tensor] = None):
+        """``(a * v[r] per row r, <a[r], b[r]>, a * v2[r] per row or None)`` for 2-d ``a``
+        and ``b``; ``inplace`` overwrites ``a`` with the first scaled rows."""
+        dots = _rowdot(a, b)
+        scaled2 = None if v2 is None else a * v2[:, None]
+        return (a.mul_(v[:, None]) if inplace else a * v[:, None]), dots, scaled2
+
+    @staticmethod
+    def rows_axpby_(a: Tensor, va: Tensor, b: Tensor, vb: Tensor) -> Tensor:
+        """In place, for 2-d ``a`` and ``b``: ``a[r] = va[r] * a[r] + vb[r] * b[r]``."""
+        return a.mul_(va[:, None]).addcmul_(b, vb[:, None])
+
+
+class CPUPasses:
+    """The passes of :class:`TorchPasses` as single loops (``mmreparam._ext``; float32 and
+    float64 CPU tensors)."""
+
+    @staticmethod
+    def scaled_transpose(x, v):
+        """See :meth:`TorchPasses.scaled_transpose`."""
+        return _ext.scaled_transpose(x.contiguous(), v.contiguous())
+
+    @staticmethod
+    def combine(origin, v0, coef, v_coef, pattern, seq_t, v_seq, pw, dw, v5, groups):
+        """See :meth:`TorchPasses.combine`."""
+        return _ext.orepa_combine(*(t.contiguous() for t in (
+            origin, v0, coef, v_coef, pattern, seq_t, v_seq, pw, dw, v5)), groups)
+
+    @staticmethod
+    def grad_pass(grad, origin, v0, coef, v_coef, pattern, pw, dw, v5, groups):
+        """See :meth:`TorchPasses.grad_pass`."""
+        return tuple(_ext.orepa_grad_pass(*(t.contiguous() for t in (
+            grad, origin, v0, coef, v_coef, pattern, pw, dw, v5)), groups))
+
+    @staticmethod
+    def seq_pass(u, conv2, v):
+        """See :meth:`TorchPasses.seq_pass`."""
+        return tuple(_ext.orepa_seq_pass(u.contiguous(), conv2.contiguous(), v.contiguous()))
+
+    @staticmethod
+    def row_scale_dot(a, v, b, inplace=False, v2=None):
+        """See :meth:`TorchPasses.row_scale_dot`."""
+        a = a.contiguous()  # a copy if it was not: in place is then on the copy
+        scaled, dots, scaled2 = _ext.row_scale_dot(
+            a, v.contiguous(), b.contiguous(), inplace, None if v2 is None else v2.contiguous())
+        return scaled, dots, (scaled2 if v2 is not None else None)
+
+    @staticmethod
+    def rows_axpby_(a, va, b, vb):
+        """See :meth:`TorchPasses.rows_axpby_` (``a`` must be contiguous)."""
+        return _ext.rows_axpby_(a, va.contiguous(), b.contiguous(), vb.contiguous())
+
+
+_warned_no_ext = []
+
+
+def passes_for(tensor: Tensor):
+    """The passes for ``tensor``'s device and dtype: :class:`CPUPasses` for float32 /
+    float64 CPU tensors when the extension is built, else :class:`TorchPasses`."""
+    if tensor.device.type != 'cpu' or tensor.dtype not in _EXT_DTYPES:
+        return TorchPasses
+    if _ext is None:
+        if not _warned_no_ext:
+            _warned_no_ext.append(True)
+            print_log('mmreparam._ext is not built: OREPA generates its kernels on the CPU '
+                      'with torch operators (slower). Reinstall mmreparam with a C++ '
+                      'compiler to build it.', logger='current', level=logging.WARNING)
+        return TorchPasses
+    return CPUPasses
+
+
 class OREPAKernelFunction(torch.autograd.Function):
-    """``K = v0*W + coef @ pattern + v3 * (E (x) D) + v5 * (PW (x) DW)`` for one generator.
+    """``K = v0*W + sum_q vq * (Cq (x) Pq) + v3 * (E (x) D) + v5 * (PW (x) DW)``: one generator.
 
     Shapes (``o`` outputs, ``g`` groups, ``ig``/``og``/``mg`` per-group input/output/internal
     channels, ``m`` mult of the depthwise branch, ``kk = k * k``):
 
     - ``origin`` ``(o, ig, k, k)`` and ``v_origin`` ``(o,)``: the plain ``kxk`` branch;
-    - ``coef`` ``(o, ig, p)`` and ``pattern`` ``(o, p, kk)`` (no gradient): branches that are a
-      ``1x1`` weight times a fixed per-channel ``kxk`` pattern (average, prior, centre);
+    - ``coef`` ``(o, p, ig)``, ``v_coef`` ``(p, o)`` and ``pattern`` ``(o, p, kk)`` (no
+      gradient): ``p`` branches that are a ``1x1`` weight (scaled per output channel) times a
+      fixed per-channel ``kxk`` pattern (average, prior, centre);
     - ``conv2`` ``(o, mg, k, k)``, ``conv1`` ``(g * mg, ig)`` and ``v_seq`` ``(o,)``: the
       ``1x1 -> kxk`` branch;
     - ``pw`` ``(o, ig * m)``, ``dw`` ``(g * ig * m, kk)`` and ``v_dwpw`` ``(o,)``: the depthwise
-      ``kxk -> 1x1`` branch.
+      ``kxk -> 1x1`` branch;
+    - ``passes``: :class:`TorchPasses` or :class:`CPUPasses`; None picks by device and dtype
+      (:func:`passes_for`).
 
-    Returns the ``(o, ig, k, k)`` kernel.
+    Returns the ``(o, ig, k, k)`` kernel. The forward ``1x1 -> kxk`` product reads ``conv2``
+    in place (a ``(kk, mg) @ (mg, ig)`` product per output channel); the backward products
+    are one GEMM per group each, on ``(og * kk, ...)`` operands.
     """
 
     @staticmethod
-    def forward(ctx, origin: Tensor, v_origin: Tensor, coef: Tensor, pattern: Tensor,
-                conv2: Tensor, conv1: Tensor, v_seq: Tensor, pw: Tensor, dw: Tensor,
-                v_dwpw: Tensor, groups: int) -> Tensor:
+    def forward(ctx, origin: Tensor, v_origin: Tensor, coef: Tensor, v_coef: Tensor,
+                pattern: Tensor, conv2: Tensor, conv1: Tensor, v_seq: Tensor, pw: Tensor,
+                dw: Tensor, v_dwpw: Tensor, groups: int,
+                passes: Optional[type] = None) -> Tensor:
+        passes = passes or passes_for(origin)
         o, ig, kh, kw = origin.shape
         kk, g = kh * kw, groups
         og, mg = o // g, conv2.shape[1]
-        mult = pw.shape[1] // ig
-        kernel = (origin.reshape(o, ig, kk) * v_origin.reshape(o, 1, 1))
-        kernel.baddbmm_(coef, pattern)
-        # 1x1 -> kxk: one GEMM per group, (og*kk, mg) @ (mg, ig), read back transposed.
-        conv2_t = conv2.reshape(g, og, mg, kk).transpose(2, 3).reshape(g, og * kk, mg)
-        seq = torch.bmm(conv2_t, conv1.reshape(g, mg, ig)).reshape(o, kk, ig)
-        kernel.addcmul_(seq.transpose(1, 2), v_seq.reshape(o, 1, 1))
-        # depthwise -> pointwise: per (group, input channel), (og, mult) @ (mult, kk).
-        pw_p = pw.reshape(g, og, ig, mult).transpose(1, 2).reshape(g * ig, og, mult)
-        dwpw = torch.bmm(pw_p, dw.reshape(g * ig, mult, kk)).reshape(g, ig, og, kk)
-        kernel.reshape(g, og, ig, kk).addcmul_(dwpw.transpose(1, 2),
-                                               v_dwpw.reshape(g, og, 1, 1))
-        ctx.groups = groups
-        ctx.save_for_backward(origin, v_origin, coef, pattern, conv2, conv1, v_seq, pw, dw,
-                              v_dwpw)
+        # seq_t[o] = conv2[o]^T @ conv1 (its group's): conv2 read transposed, conv1 shared.
+        seq_t = origin.new_empty(g, og, kk, ig)
+        conv2_g, conv1_g = conv2.reshape(g, og, mg, kk), conv1.reshape(g, mg, ig)
+        for gi in range(g):
+            torch.bmm(conv2_g[gi].transpose(1, 2), conv1_g[gi].expand(og, mg, ig),
+                      out=seq_t[gi])
+        kernel = passes.combine(origin.reshape(o, ig, kk), v_origin, coef, v_coef, pattern,
+                                seq_t.reshape(o, kk, ig), v_seq, pw, dw, v_dwpw, g)
+        ctx.groups, ctx.passes = groups, passes
+        ctx.save_for_backward(origin, v_origin, coef, v_coef, pattern, conv2, conv1, v_seq, pw,
+                              dw, v_dwpw)
         return kernel.reshape(o, ig, kh, kw)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        (origin, v_origin, coef, pattern, conv2, conv1, v_seq, pw, dw,
+        (origin, v_origin, coef, v_coef, pattern, conv2, conv1, v_seq, pw, dw,
          v_dwpw) = ctx.saved_tensors
-        g = ctx.groups
+        g, passes = ctx.groups, ctx.passes
         o, ig, kh, kw = origin.shape
         kk, og, mg = kh * kw, o // g, conv2.shape[1]
-        mult = pw.shape[1] // ig
-        grad = grad.reshape(o, ig, kk).contiguous()
         needs = ctx.needs_input_grad
-        g_origin = g_v_origin = g_coef = g_conv2 = g_conv1 = g_v_seq = None
-        g_pw = g_dw = g_v_dwpw = None
-
-        if needs[0]:
-            g_origin = (grad * v_origin.reshape(o, 1, 1)).reshape(origin.shape)
-        if needs[1]:
-            g_v_origin = _rowdot(grad, origin)
-        if needs[2]:
-            g_coef = torch.bmm(grad, pattern.transpose(1, 2))
-
-        if needs[4] or needs[5] or needs[6]:
-            grad_t = grad.transpose(1, 2).reshape(g, og * kk, ig)  # (o, kk, ig), one copy
-            if needs[4] or needs[6]:
-                # d/d conv2[o, m, t] (unscaled) = sum_i grad[o, i, t] conv1[m, i]
-                u = torch.bmm(grad_t, conv1.reshape(g, mg, ig).transpose(1, 2))
-                u = u.reshape(o, kk, mg).transpose(1, 2).contiguous()  # conv2's layout
-                if needs[6]:
-                    g_v_seq = _rowdot(u, conv2)
-                if needs[4]:
-                    g_conv2 = u.mul_(v_seq.reshape(o, 1, 1)).reshape(conv2.shape)
-            if needs[5]:
-                # d/d conv1[m, i] = sum_{o, t} v_seq[o] conv2[o, m, t] grad[o, i, t]
-                conv2_s = _scaled(conv2.reshape(g, og, mg, kk), v_seq.reshape(g, og, 1, 1),
-                                  (g, mg, og, kk), (0, 2, 1, 3))
-                g_conv1 = torch.bmm(conv2_s.reshape(g, mg, og * kk), grad_t).reshape(
-                    conv1.shape)
-
-        if needs[7] or needs[8] or needs[9]:
-            grad_p = grad.reshape(g, og, ig, kk).transpose(1, 2).reshape(g * ig, og, kk)
-            dw_g = dw.reshape(g * ig, mult, kk)
-            pw_p = pw.reshape(g, og, ig, mult).transpose(1, 2)  # (g, ig, og, mult) view
-            if needs[7] or needs[9]:
-                u = torch.bmm(grad_p, dw_g.transpose(1, 2)).reshape(g, ig, og, mult)
-                if needs[9]:
-                    g_v_dwpw = (u * pw_p).sum(dim=(1, 3)).reshape(o)
-                if needs[7]:
-                    g_pw = _scaled(u, v_dwpw.reshape(g, 1, og, 1), (g, og, ig, mult),
-                                   (0, 2, 1, 3)).reshape(pw.shape)
-            if needs[8]:
-                pw_s = (pw_p * v_dwpw.reshape(g, 1, og, 1)).reshape(g * ig, og, mult)
-                g_dw = torch.bmm(pw_s.transpose(1, 2), grad_p).reshape(dw.shape)
-        return (g_origin, g_v_origin, g_coef, None, g_conv2, g_conv1, g_v_seq, g_pw, g_dw,
-                g_v_dwpw, None)
+        grad = grad.reshape(o, ig, kk).contiguous()
+        (g_origin, g_v_origin, g_coef, g_v_coef, g_pw, g_dw, g_v_dwpw,
+         grad_t) = passes.grad_pass(grad, origin.reshape(o, ig, kk), v_origin, coef, v_coef,
+                                    pattern, pw, dw, v_dwpw, g)
+        g_conv2 = g_conv1 = g_v_seq = None
+        conv2_3d = conv2.reshape(o, mg, kk)
+        if needs[5] or needs[7]:
+            # d/d conv2[o, m, t] (unscaled) = sum_i grad[o, i, t] conv1[m, i], as (o, kk, mg)
+            u = torch.bmm(grad_t.reshape(g, og * kk, ig),
+                          conv1.reshape(g, mg, ig).transpose(1, 2))
+            g_conv2, g_v_seq, conv2_ts = passes.seq_pass(u.reshape(o, kk, mg), conv2_3d, v_seq)
+            g_conv2 = g_conv2.reshape(conv2.shape)
+        elif needs[6]:
+            conv2_ts = passes.scaled_transpose(conv2_3d, v_seq)
+        if needs[6]:
+            # d/d conv1[m, i] = sum_{o, t} v_seq[o] conv2[o, m, t] grad[o, i, t]
+            g_conv1 = torch.bmm(conv2_ts.reshape(g, og * kk, mg).transpose(1, 2),
+                                grad_t.reshape(g, og * kk, ig)).reshape(conv1.shape)
+        grads = (g_origin.reshape(origin.shape), g_v_origin, g_coef, g_v_coef, None, g_conv2,
+                 g_conv1, g_v_seq, g_pw, g_dw, g_v_dwpw)
+        return tuple(t if need else None for t, need in zip(grads, needs)) + (None, None)
 
 
 class OREPA1x1KernelFunction(torch.autograd.Function):
     """``K = v0 * W + v1 * (C2 @ C1)``: the kernel of OREPA's ``1x1`` block, as one node.
 
-    ``W`` is ``(o, i)``, ``C2`` ``(o, m)``, ``C1`` ``(m, i)``, ``v0`` and ``v1`` ``(o,)``. The
-    per-row scales are applied to the product's output and, in the backward pass, to
-    whichever GEMM operand is smaller, so no scaled copy of a weight is kept.
+    ``W`` is ``(o, i)``, ``C2`` ``(o, m)``, ``C1`` ``(m, i)``, ``v0`` and ``v1`` ``(o,)``;
+    ``passes`` as :class:`OREPAKernelFunction`. The per-row scales are applied to the
+    product's output and, in the backward pass, to whichever GEMM operand is smaller, so no
+    scaled copy of a weight is kept.
     """
 
     @staticmethod
     def forward(ctx, origin: Tensor, v_origin: Tensor, conv2: Tensor, conv1: Tensor,
-                v_product: Tensor) -> Tensor:
-        kernel = torch.mm(conv2, conv1).mul_(v_product[:, None])
-        kernel.addcmul_(origin, v_origin[:, None])
+                v_product: Tensor, passes: Optional[type] = None) -> Tensor:
+        passes = passes or passes_for(origin)
+        kernel = passes.rows_axpby_(torch.mm(conv2, conv1), v_product, origin, v_origin)
+        ctx.passes = passes
         ctx.save_for_backward(origin, v_origin, conv2, conv1, v_product)
         return kernel
 
@@ -147,20 +286,19 @@ class OREPA1x1KernelFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         origin, v_origin, conv2, conv1, v_product = ctx.saved_tensors
-        needs = ctx.needs_input_grad
+        passes, needs = ctx.passes, ctx.needs_input_grad
         grad = grad.contiguous()
-        g_origin = grad * v_origin[:, None] if needs[0] else None
-        g_v_origin = _rowdot(grad, origin) if needs[1] else None
+        # d/d conv1 = (v1 * conv2)^T @ grad: scale the smaller operand; grad's scaled copy
+        # comes out of the same pass as origin's gradient.
+        scale_grad = needs[3] and conv2.numel() >= grad.numel()
+        g_origin, g_v_origin, grad_s = passes.row_scale_dot(
+            grad, v_origin, origin, v2=v_product if scale_grad else None)
         g_conv2 = g_conv1 = g_v_product = None
         if needs[2] or needs[4]:
             u = torch.mm(grad, conv1.t())  # d/d conv2, unscaled
-            if needs[4]:
-                g_v_product = _rowdot(u, conv2)
-            if needs[2]:
-                g_conv2 = u.mul_(v_product[:, None])
+            g_conv2, g_v_product, _ = passes.row_scale_dot(u, v_product, conv2, inplace=True)
         if needs[3]:
-            if conv2.numel() <= grad.numel():
-                g_conv1 = torch.mm((conv2 * v_product[:, None]).t(), grad)
-            else:
-                g_conv1 = torch.mm(conv2.t(), grad * v_product[:, None])
-        return g_origin, g_v_origin, g_conv2, g_conv1, g_v_product
+            g_conv1 = (torch.mm(conv2.t(), grad_s) if scale_grad
+                       else torch.mm((conv2 * v_product[:, None]).t(), grad))
+        grads = (g_origin, g_v_origin, g_conv2, g_conv1, g_v_product)
+        return tuple(t if need else None for t, need in zip(grads, needs)) + (None, )

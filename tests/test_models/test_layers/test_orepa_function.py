@@ -1,13 +1,33 @@
-"""The fused OREPA generator: exact kernel and exact gradients."""
+"""The fused OREPA generator: exact kernel and exact gradients, with both implementations
+of its passes (torch operators, and the compiled CPU extension)."""
+import logging
+import os
+
 import pytest
 import torch
 
-from mmreparam.models.layers import OREPA, OREPA1x1, OREPAVGGBlock
+from mmreparam.models.layers import OREPA, OREPA1x1, OREPAVGGBlock, orepa_function
 from mmreparam.models.layers.fuse import dw_pw_to_full, merge_1x1_kxk
-from mmreparam.models.layers.orepa_function import OREPA1x1KernelFunction, OREPAKernelFunction
+from mmreparam.models.layers.orepa_function import (
+    CPUPasses,
+    OREPA1x1KernelFunction,
+    OREPAKernelFunction,
+    TorchPasses,
+    passes_for,
+)
 from mmreparam.testing import literal_orepa_kernel, randomize_parameters
 
 F64 = torch.float64
+PASSES = [TorchPasses, CPUPasses]
+
+
+def test_extension_is_built():
+    """``pip install`` builds mmreparam._ext; only MMREPARAM_WITH_OPS=0 may leave it out."""
+    if os.environ.get('MMREPARAM_WITH_OPS') == '0':
+        pytest.skip('built with MMREPARAM_WITH_OPS=0')
+    assert orepa_function._ext is not None
+    assert passes_for(torch.zeros(1)) is CPUPasses
+    assert passes_for(torch.zeros(1, dtype=F64)) is CPUPasses
 
 
 def branch_tensors(out, in_, groups, k, internal, mult, patterns, seed=0):
@@ -18,20 +38,21 @@ def branch_tensors(out, in_, groups, k, internal, mult, patterns, seed=0):
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=F64).requires_grad_()
 
-    return (rand(out, ig, k, k), rand(out), rand(out, ig, patterns),
+    return (rand(out, ig, k, k), rand(out), rand(out, patterns, ig), rand(patterns, out),
             torch.randn(out, patterns, k * k, generator=gen, dtype=F64),
             rand(out, internal // groups, k, k), rand(internal, ig), rand(out),
             rand(out, ig * mult), rand(in_ * mult, k * k), rand(out))
 
 
-def reference_kernel(origin, v_origin, coef, pattern, conv2, conv1, v_seq, pw, dw, v_dwpw,
-                     groups):
+def reference_kernel(origin, v_origin, coef, v_coef, pattern, conv2, conv1, v_seq, pw, dw,
+                     v_dwpw, groups):
     """The same kernel with autograd's ordinary operators and the fold math of fuse.py."""
     o, ig, kh, kw = origin.shape
     seq = merge_1x1_kxk(conv1, None, conv2, None, groups)[0]
     dwpw = dw_pw_to_full(dw.reshape(-1, 1, kh, kw), pw.reshape(o, -1, 1, 1), ig * groups,
                          groups)
-    return (origin * v_origin.reshape(o, 1, 1, 1) + (coef @ pattern).reshape(origin.shape)
+    coef_kernel = (coef * v_coef.t()[..., None]).transpose(1, 2) @ pattern
+    return (origin * v_origin.reshape(o, 1, 1, 1) + coef_kernel.reshape(origin.shape)
             + seq * v_seq.reshape(o, 1, 1, 1) + dwpw * v_dwpw.reshape(o, 1, 1, 1))
 
 
@@ -43,19 +64,22 @@ CASES = [  # out, in, groups, k, internal, mult, patterns
 ]
 
 
+@pytest.mark.parametrize('passes', PASSES)
 @pytest.mark.parametrize('case', CASES)
-def test_gradcheck(case):
+def test_gradcheck(case, passes):
     tensors = branch_tensors(*case)
     groups = case[2]
-    assert torch.autograd.gradcheck(lambda *t: OREPAKernelFunction.apply(*t, groups), tensors)
+    assert torch.autograd.gradcheck(lambda *t: OREPAKernelFunction.apply(*t, groups, passes),
+                                    tensors)
 
 
+@pytest.mark.parametrize('passes', PASSES)
 @pytest.mark.parametrize('case', CASES)
-def test_fused_equals_reference(case):
+def test_fused_equals_reference(case, passes):
     groups = case[2]
     fused_in = branch_tensors(*case, seed=1)
     ref_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in fused_in]
-    fused = OREPAKernelFunction.apply(*fused_in, groups)
+    fused = OREPAKernelFunction.apply(*fused_in, groups, passes)
     ref = reference_kernel(*ref_in, groups)
     torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
     # A non-contiguous incoming gradient, as conv backward may give.
@@ -67,12 +91,13 @@ def test_fused_equals_reference(case):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_only_requested_gradients():
+@pytest.mark.parametrize('passes', PASSES)
+def test_only_requested_gradients(passes):
     tensors = branch_tensors(*CASES[1])
-    frozen = [t.detach() if i in (0, 4, 8) else t for i, t in enumerate(tensors)]
-    OREPAKernelFunction.apply(*frozen, 2).sum().backward()
+    frozen = [t.detach() if i in (0, 3, 5, 9) else t for i, t in enumerate(tensors)]
+    OREPAKernelFunction.apply(*frozen, 2, passes).sum().backward()
     for i, t in enumerate(tensors):
-        if i in (0, 4, 8) or not t.requires_grad:
+        if i in (0, 3, 5, 9) or not t.requires_grad:
             assert t.grad is None
         else:
             assert t.grad is not None and t.grad.abs().sum() > 0
@@ -110,15 +135,17 @@ def test_second_order_gradients_are_refused_clearly():
         grad.sum().backward()
 
 
+@pytest.mark.parametrize('passes', PASSES)
 @pytest.mark.parametrize('out, mid, in_', [(5, 3, 3), (3, 3, 5), (4, 2, 6), (2, 6, 3)])
-def test_1x1_gradcheck(out, mid, in_):
+def test_1x1_gradcheck(out, mid, in_, passes):
     gen = torch.Generator().manual_seed(2)
     tensors = [torch.randn(*shape, generator=gen, dtype=F64).requires_grad_()
                for shape in ((out, in_), (out, ), (out, mid), (mid, in_), (out, ))]
-    assert torch.autograd.gradcheck(OREPA1x1KernelFunction.apply, tensors)
+    assert torch.autograd.gradcheck(lambda *t: OREPA1x1KernelFunction.apply(*t, passes),
+                                    tensors)
     w, v0, c2, c1, v1 = tensors
     expected = w * v0[:, None] + (c2 * v1[:, None]) @ c1
-    torch.testing.assert_close(OREPA1x1KernelFunction.apply(*tensors), expected,
+    torch.testing.assert_close(OREPA1x1KernelFunction.apply(*tensors, passes), expected,
                                rtol=1e-13, atol=1e-13)
 
 
@@ -145,3 +172,123 @@ def test_meta_device_shapes():
     with torch.device('meta'):
         assert OREPA(8, 4, 3, groups=2)(torch.randn(1, 8, 5, 5)).shape == (1, 4, 5, 5)
         assert OREPA1x1(8, 16)(torch.randn(1, 8, 5, 5)).shape == (1, 16, 5, 5)
+
+
+# Each pass of the compiled extension against its torch-operator twin.
+PASS_CASES = [  # out, in, groups, k, internal, mult, patterns
+    (8, 6, 1, 3, 6, 8, 3),
+    (6, 4, 2, 3, 8, 2, 2),
+    (4, 6, 2, 5, 6, 3, 3),
+    (9, 3, 3, 3, 6, 1, 2),
+    (64, 48, 1, 3, 48, 8, 3),
+]
+
+
+def pass_inputs(case, dtype, seed=0):
+    out, in_, groups, k, internal, mult, patterns = case
+    gen = torch.Generator().manual_seed(seed)
+    ig, mg, kk = in_ // groups, internal // groups, k * k
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64).to(dtype)
+
+    return dict(origin=rand(out, ig, kk), v0=rand(out), coef=rand(out, patterns, ig),
+                v_coef=rand(patterns, out), pattern=rand(out, patterns, kk),
+                seq_t=rand(out, kk, ig), v_seq=rand(out), pw=rand(out, ig * mult),
+                dw=rand(in_ * mult, kk), v5=rand(out), grad=rand(out, ig, kk),
+                conv2=rand(out, mg, kk), u=rand(out, kk, mg), groups=groups)
+
+
+def assert_all_close(a, b, dtype):
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=2e-5, atol=2e-5)
+    a, b = (a, ) if torch.is_tensor(a) else a, (b, ) if torch.is_tensor(b) else b
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and x.dtype == y.dtype and x.is_contiguous()
+        torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.skipif(orepa_function._ext is None, reason='mmreparam._ext is not built')
+@pytest.mark.parametrize('dtype', [F64, torch.float32])
+@pytest.mark.parametrize('case', PASS_CASES)
+def test_cpu_passes_equal_torch_passes(case, dtype):
+    t = pass_inputs(case, dtype)
+    g = t['groups']
+    calls = {
+        'scaled_transpose': lambda P: P.scaled_transpose(t['conv2'], t['v_seq']),
+        'combine': lambda P: P.combine(t['origin'], t['v0'], t['coef'], t['v_coef'],
+                                       t['pattern'], t['seq_t'], t['v_seq'], t['pw'], t['dw'],
+                                       t['v5'], g),
+        'grad_pass': lambda P: P.grad_pass(t['grad'], t['origin'], t['v0'], t['coef'],
+                                           t['v_coef'], t['pattern'], t['pw'], t['dw'],
+                                           t['v5'], g),
+        'seq_pass': lambda P: P.seq_pass(t['u'], t['conv2'], t['v_seq']),
+        'row_scale_dot': lambda P: P.row_scale_dot(t['pw'], t['v0'], t['pw'] + 1,
+                                                   v2=t['v5'])[:3],
+        'rows_axpby_': lambda P: P.rows_axpby_(t['pw'].clone(), t['v0'], t['pw'] * 2, t['v5']),
+    }
+    for name, call in calls.items():
+        assert_all_close(call(CPUPasses), call(TorchPasses), dtype)
+    # In place: the scaled rows overwrite the input, the dot products use its old values.
+    a = t['pw'].clone()
+    scaled, dots, none = CPUPasses.row_scale_dot(a, t['v0'], t['pw'], inplace=True)
+    assert scaled.data_ptr() == a.data_ptr() and none is None
+    assert_all_close((a, dots), (t['pw'] * t['v0'][:, None], (t['pw'] * t['pw']).sum(1)),
+                     dtype)
+
+
+@pytest.mark.skipif(orepa_function._ext is None, reason='mmreparam._ext is not built')
+def test_grad_pass_is_deterministic_and_thread_count_independent():
+    t = pass_inputs((64, 32, 2, 3, 32, 8, 3), torch.float32, seed=4)
+    args = [t[n] for n in ('grad', 'origin', 'v0', 'coef', 'v_coef', 'pattern', 'pw', 'dw',
+                           'v5', 'groups')]
+    first, second = CPUPasses.grad_pass(*args), CPUPasses.grad_pass(*args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)  # the depthwise sum over outputs is added in a fixed order
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = CPUPasses.grad_pass(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert_all_close(single, first, torch.float32)
+
+
+@pytest.mark.skipif(orepa_function._ext is None, reason='mmreparam._ext is not built')
+def test_extension_rejects_mixed_dtypes_clearly():
+    t = pass_inputs(PASS_CASES[0], torch.float32)
+    with pytest.raises(RuntimeError, match='v has dtype Double, expected Float'):
+        CPUPasses.scaled_transpose(t['conv2'], t['v_seq'].double())
+    with pytest.raises(RuntimeError, match='inconsistent shapes'):
+        CPUPasses.seq_pass(t['u'][:, :-1], t['conv2'], t['v_seq'])
+
+
+def test_passes_for_other_dtypes_and_devices():
+    assert passes_for(torch.zeros(1, dtype=torch.bfloat16)) is TorchPasses
+    assert passes_for(torch.zeros(1, dtype=torch.float16)) is TorchPasses
+    assert passes_for(torch.zeros(1, device='meta')) is TorchPasses
+
+
+def test_without_extension_torch_passes_and_one_warning(monkeypatch):
+    logged = []
+    monkeypatch.setattr(orepa_function, '_ext', None)
+    monkeypatch.setattr(orepa_function, '_warned_no_ext', [])
+    monkeypatch.setattr(orepa_function, 'print_log',
+                        lambda msg, **kwargs: logged.append((msg, kwargs)))
+    block = OREPA(4, 4, 3).double()
+    assert passes_for(torch.zeros(1)) is TorchPasses
+    kernel = block.generate_kernel()
+    assert passes_for(torch.zeros(1)) is TorchPasses
+    assert len(logged) == 1 and 'mmreparam._ext is not built' in logged[0][0]
+    assert logged[0][1]['level'] == logging.WARNING
+    monkeypatch.undo()
+    torch.testing.assert_close(kernel, block.generate_kernel(), rtol=1e-13, atol=1e-13)
+
+
+def test_half_precision_generator_uses_torch_passes():
+    """Kernels of a half-precision module (no autocast) are generated with torch operators."""
+    block = OREPA(8, 8, 3)
+    kernel32 = block.generate_kernel()
+    kernel16 = block.bfloat16().generate_kernel()
+    assert kernel16.dtype == torch.bfloat16
+    torch.testing.assert_close(kernel16.float(), kernel32, rtol=5e-2, atol=5e-2)
