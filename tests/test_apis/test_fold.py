@@ -77,3 +77,23 @@ def test_fold_error_reports_differences():
     assert abs(err['max_abs'] - 0.5) < 1e-6
     assert err['max_rel'] == err['max_abs'] / a(x).abs().max().item()
     assert mmreparam.fold_error(a, a, x)['max_abs'] == 0
+
+
+def test_fold_error_runs_without_tf32_and_restores_the_flags():
+    """TF32 (on by default for CUDA convolutions) would hide the fold's error under its own."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32,
+                         torch.backends.cuda.matmul.allow_tf32))
+            return x * 2
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        mmreparam.fold_error(Probe(), Probe(), torch.ones(2))
+        assert seen == [(False, False), (False, False)]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
