@@ -60,7 +60,7 @@ at::Tensor scaled_transpose(const at::Tensor& x, const at::Tensor& v) {
 }
 
 // Short vector loops over a contiguous channel row (the innermost dimension everywhere
-// below). They bound the speed of the passes, so each is compiled for several instruction
+// below); dot products over rows and whole kernels are summed in double. They bound the speed of the passes, so each is compiled for several instruction
 // sets and the best one the processor has is picked when the library loads (GCC's
 // target_clones); "default" is the portable baseline.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -79,10 +79,11 @@ at::Tensor scaled_transpose(const at::Tensor& x, const at::Tensor& v) {
                                   const T* __restrict__ z, T a, int64_t n) {           \
     _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) y[i] += a * x[i] * z[i];       \
   }                                                                                    \
-  MMREPARAM_CLONES T row_dot(const T* __restrict__ a, const T* __restrict__ b,         \
-                             int64_t n) {                                              \
-    T s = 0;                                                                           \
-    _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; ++i) s += a[i] * b[i]; \
+  MMREPARAM_CLONES double row_dot(const T* __restrict__ a, const T* __restrict__ b,    \
+                                  int64_t n) {                                         \
+    double s = 0; /* float rows: double sums, as long as the row */                    \
+    _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; ++i)               \
+        s += double(a[i]) * double(b[i]);                                              \
     return s;                                                                          \
   }                                                                                    \
   MMREPARAM_CLONES void row_scale(T* y, const T* x, T a, /* y == x allowed */         \
@@ -231,7 +232,7 @@ std::vector<at::Tensor> orepa_grad_pass(const at::Tensor& grad, const at::Tensor
           for (int64_t i = 0; i < ig; ++i)
             for (int64_t j = 0; j < m; ++j) pw_t[j * ig + i] = pwr[i * m + j];
           std::fill(u_t.begin(), u_t.end(), scalar_t(0));
-          scalar_t s5 = 0;
+          double s5 = 0;
           for (int64_t j = 0; j < m; ++j) {
             scalar_t* uj = u_t.data() + j * ig;
             for (int64_t t = 0; t < kk; ++t) {
@@ -279,11 +280,11 @@ std::vector<at::Tensor> orepa_seq_pass(const at::Tensor& u, const at::Tensor& co
         const scalar_t* cr = C + r * mg * kk;
         scalar_t* gr = GC + r * mg * kk;
         scalar_t* tr = CT + r * kk * mg;
-        scalar_t dot = 0;
+        double dot = 0;
         for (int64_t mi = 0; mi < mg; ++mi)
           for (int64_t t = 0; t < kk; ++t) {
             const scalar_t ut = ur[t * mg + mi], c = cr[mi * kk + t];
-            dot += ut * c;
+            dot += double(ut) * double(c);
             gr[mi * kk + t] = s * ut;
             tr[t * mg + mi] = s * c;
           }
@@ -323,11 +324,11 @@ std::vector<at::Tensor> row_scale_dot(at::Tensor a, const at::Tensor& v, const a
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t s = V[r];
         if (S2 != nullptr) row_scale(S2 + r * n, A + r * n, V2[r], n);
-        scalar_t dot = 0;
+        double dot = 0;
 _Pragma("omp simd reduction(+ : dot)")
         for (int64_t j = r * n; j < (r + 1) * n; ++j) {
           const scalar_t x = A[j];
-          dot += x * B[j];
+          dot += double(x) * double(B[j]);
           S[j] = s * x;
         }
         D[r] = dot;
