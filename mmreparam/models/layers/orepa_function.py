@@ -160,9 +160,8 @@ class CPUPasses:
     def row_scale_dot(a, v, b, inplace=False, v2=None):
         """See :meth:`TorchPasses.row_scale_dot`."""
         a = a.contiguous()  # a copy if it was not: in place is then on the copy
-        scaled, dots, scaled2 = _ext.row_scale_dot(
-            a, v.contiguous(), b.contiguous(), inplace, None if v2 is None else v2.contiguous())
-        return scaled, dots, (scaled2 if v2 is not None else None)
+        return tuple(_ext.row_scale_dot(a, v.contiguous(), b.contiguous(), inplace,
+                                        None if v2 is None else v2.contiguous()))
 
     @staticmethod
     def rows_axpby_(a, va, b, vb):
