@@ -93,3 +93,15 @@ def literal_orepa_kernel(generator) -> torch.Tensor:
     if 'conv1x1' in v:
         kernel = kernel + scaled(F.pad(generator.weight_orepa_1x1, [k // 2] * 4), 'conv1x1')
     return kernel
+
+
+def official_repopt_keys(state_dict: dict) -> dict:
+    """A ``RepOptVGG`` state dict renamed to the official RepOptimizer layout (``stem.`` ->
+    ``stage0.``, ``stage_i.`` -> ``stagei.``), to build official-format checkpoints in tests."""
+    official = {}
+    for key, value in state_dict.items():
+        key = key.replace('stem.', 'stage0.', 1)
+        for i in range(1, 5):
+            key = key.replace(f'stage_{i}.', f'stage{i}.', 1)
+        official[key] = value
+    return official

@@ -27,7 +27,7 @@ from mmreparam.models.backbones.repoptvgg import (
     save_scales,
 )
 from mmreparam.models.layers import ConvBN
-from mmreparam.testing import randomize_bn
+from mmreparam.testing import official_repopt_keys, randomize_bn
 
 TINY = dict(num_blocks=[1, 2, 2, 1], width_factor=[0.125, 0.125, 0.125, 0.125])
 SGD = dict(type='SGD', lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
@@ -256,13 +256,7 @@ def test_scales_round_trip_and_hs_checkpoints(tmp_path):
     # An mmreparam HS checkpoint (classifier with backbone.) and the official layout.
     ckpt = {'state_dict': {f'backbone.{k}': v for k, v in hs.state_dict().items()}}
     torch.save(ckpt, tmp_path / 'hs.pth')
-    official = {}
-    for key, value in hs.state_dict().items():
-        key = key.replace('stem.', 'stage0.', 1)
-        for i in range(1, 5):
-            key = key.replace(f'stage_{i}.', f'stage{i}.', 1)
-        official[key] = value
-    torch.save({'model': official}, tmp_path / 'official.pth')
+    torch.save({'model': official_repopt_keys(hs.state_dict())}, tmp_path / 'official.pth')
     for source in (tmp_path / 'hs.pth', tmp_path / 'official.pth'):
         target = RepOptVGG(TINY, scales=str(source))
         got = target.get_scales()

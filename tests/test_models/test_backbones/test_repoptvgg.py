@@ -16,7 +16,7 @@ from mmreparam.models.backbones import RepOptVGG
 from mmreparam.models.backbones.repoptvgg import CSLABlock, constant_scales
 from mmreparam.models.layers import ConvBN
 from mmreparam.models.layers.fuse import identity_kernel
-from mmreparam.testing import randomize_bn
+from mmreparam.testing import official_repopt_keys, randomize_bn
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = dict(num_blocks=[1, 2, 2, 1], width_factor=[0.125] * 4)
@@ -133,12 +133,8 @@ def test_official_repopt_vgg_checkpoint_loads(tmp_path):
     """The official target layout (stage0.conv, stage1.0.bn, linear) loads as it is."""
     torch.manual_seed(0)
     source = randomize_bn(RepOptVGG(TINY, out_indices=ALL), seed=3).eval()
-    official = {'linear.weight': torch.zeros(10, 128), 'linear.bias': torch.zeros(10)}
-    for key, value in source.state_dict().items():
-        key = key.replace('stem.', 'stage0.', 1)
-        for i in range(1, 5):
-            key = key.replace(f'stage_{i}.', f'stage{i}.', 1)
-        official[key] = value
+    official = {'linear.weight': torch.zeros(10, 128), 'linear.bias': torch.zeros(10),
+                **official_repopt_keys(source.state_dict())}
     torch.save({'model': official}, tmp_path / 'RepOpt-VGG-tiny.pth')
     model = RepOptVGG(TINY, out_indices=ALL, init_cfg=dict(
         type='Pretrained', checkpoint=str(tmp_path / 'RepOpt-VGG-tiny.pth')))
