@@ -14,10 +14,9 @@ import os
 import re
 import sys
 
-import torch
-
 from mmreparam import __version__
 from mmreparam.checkpoint import CheckpointError, detect_format, load_pretrained, read_state_dict
+from mmreparam.fileio import save_checkpoint_atomic
 from mmreparam.models import RepVGG, ResNet
 from mmreparam.utils import parse_key_values, run_cli
 
@@ -78,13 +77,7 @@ def convert(args) -> None:
     out = dict(state_dict=model.state_dict(),
                meta=dict(mmreparam_version=__version__, source=os.fspath(args.src),
                          source_format=fmt.description, prefix=prefix, backbone=cfg))
-    tmp = args.dst + '.tmp'
-    try:
-        torch.save(out, tmp)
-        os.replace(tmp, args.dst)  # atomic: DST is complete or untouched
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_checkpoint_atomic(out, args.dst)  # DST is complete or untouched
     print(f'format: {fmt.description}' + (f" (prefix '{prefix}')" if prefix else ''))
     print(f'backbone: {cfg}')
     print(f'converted: {report.summary()}')

@@ -7,42 +7,17 @@ import copy
 import inspect
 import logging
 import os
-import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.registry import MODELS as ROOT_MODELS
 
+from ..fileio import atomic_write, atomic_write_files, save_checkpoint_atomic
+
 DEPLOY_CKPT = 'deploy.pth'
 DEPLOY_CONFIG = 'deploy_config.py'
-
-
-def atomic_write(path: str, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
-
-    On any failure the temporary file is removed and the previous ``path`` (if any) is left
-    untouched.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Same extension as the target: writers such as Config.dump pick the format from it.
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.tmp.',
-                               suffix=os.path.splitext(path)[1], dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_checkpoint_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def models_registry(scope: Optional[str]):
@@ -123,6 +98,9 @@ def export_deploy(folded: torch.nn.Module, cfg: Config, out_dir: str,
                   config_name: str = DEPLOY_CONFIG) -> dict:
     """Write ``deploy.pth`` (folded weights) and ``deploy_config.py`` into ``out_dir``.
 
+    Both files are written as one (:func:`~mmreparam.fileio.atomic_write_files`): after a
+    failure, neither is replaced and no partial file is left.
+
     Args:
         folded (nn.Module): The folded model.
         cfg (Config): The training config (converted with :func:`deploy_config`).
@@ -133,21 +111,22 @@ def export_deploy(folded: torch.nn.Module, cfg: Config, out_dir: str,
         dict: ``checkpoint`` and ``config``, the written paths (``config`` is None when
         ``cfg`` has no ``model`` dict, e.g. a Runner built from a model object).
     """
-    os.makedirs(out_dir, exist_ok=True)
     has_model_cfg = cfg is not None and isinstance(cfg.get('model'), dict)
     dcfg = deploy_config(cfg) if has_model_cfg else None
     ckpt_path = os.path.join(out_dir, ckpt_name)
     cfg_path = os.path.join(out_dir, config_name) if has_model_cfg else None
     state = {k: v.detach().cpu() for k, v in folded.state_dict().items()}
-    save_checkpoint_atomic(dict(state_dict=state, meta=dict(meta or {}, deploy=True)),
-                           ckpt_path)
+    ckpt = dict(state_dict=state, meta=dict(meta or {}, deploy=True))
+    writers = {ckpt_path: lambda tmp: torch.save(ckpt, tmp)}
+    if dcfg is not None:
+        writers[cfg_path] = dcfg.dump
+    atomic_write_files(writers)
     if dcfg is None:
         print_log(f'mmreparam: wrote {ckpt_path}; no deploy config, since the config has no '
                   'model dict (a Runner built from a model object)', logger='current',
                   level=logging.WARNING)
-        return dict(checkpoint=ckpt_path, config=None)
-    save_config_atomic(dcfg, cfg_path)
-    print_log(f'mmreparam: wrote {ckpt_path} and {cfg_path}', logger='current')
+    else:
+        print_log(f'mmreparam: wrote {ckpt_path} and {cfg_path}', logger='current')
     return dict(checkpoint=ckpt_path, config=cfg_path)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .deploy import atomic_write
+from ..fileio import atomic_write
 
 
 class _FirstOutputs(nn.Module):

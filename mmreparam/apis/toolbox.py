@@ -69,7 +69,7 @@ def run_upstream_tool(name: str, argv: List[str], metrics_json: Optional[str] = 
 def _dump_test_metrics(path: str) -> None:
     from mmengine.runner import Runner
 
-    from .deploy import atomic_write
+    from ..fileio import atomic_write
     original = Runner.test
 
     def test_and_dump(self):

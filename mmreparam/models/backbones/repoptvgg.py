@@ -688,7 +688,7 @@ def save_scales(scales: Scales, path: Union[str, os.PathLike],
         path (str | PathLike): Output file; a previous file is replaced only on success.
         meta (dict, optional): Extra plain-Python metadata (arch, source, ...).
     """
-    from ...apis.deploy import save_checkpoint_atomic  # the apis layer builds on models
+    from ...fileio import save_checkpoint_atomic
     scales = _validate(scales, 'scales to save')
     save_checkpoint_atomic(dict(scales=scales, meta=dict(meta or {}, format=SCALES_FORMAT)),
                            os.fspath(path))
