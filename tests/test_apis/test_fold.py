@@ -1,6 +1,7 @@
 """mmreparam.fold / fold_error on whole models, including other libraries' blocks."""
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -97,3 +98,55 @@ def test_fold_error_runs_without_tf32_and_restores_the_flags():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+class _Fixed(nn.Module):
+    """Returns a fixed output structure, whatever the input."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        return self.out
+
+
+def test_fold_error_compares_empty_and_mixed_outputs():
+    """A barely trained detector's tensor outputs may be empty: compared by shape, no
+    error; integer and bool tensors by equality; NaN against NaN is equal."""
+    empty = (torch.zeros(0, 4), torch.zeros(0, 81))
+    err = mmreparam.fold_error(_Fixed(empty), _Fixed(empty), torch.zeros(1))
+    assert err == dict(max_abs=0.0, max_rel=0.0, tensors=2, compared=0, mismatches=[])
+
+    ref = dict(boxes=torch.zeros(0, 4), labels=torch.tensor([1, 2]),
+               keep=torch.tensor([True, False]),
+               scores=torch.tensor([1.0, float('nan'), float('inf'), -4.0]))
+    same = copy.deepcopy(ref)
+    err = mmreparam.fold_error(_Fixed(ref), _Fixed(same), torch.zeros(1))
+    assert err['max_abs'] == 0 and err['compared'] == 3 and err['tensors'] == 4
+
+    off = copy.deepcopy(ref)
+    off['scores'][3] = -3.0
+    err = mmreparam.fold_error(_Fixed(ref), _Fixed(off), torch.zeros(1))
+    assert err['max_abs'] == 1.0 and err['max_rel'] == 0.25  # scale: largest finite |ref|
+    off = copy.deepcopy(ref)
+    off['labels'][0] = 7
+    assert mmreparam.fold_error(_Fixed(ref), _Fixed(off), torch.zeros(1))['max_abs'] == 1.0
+    off = copy.deepcopy(ref)
+    off['scores'][0] = float('nan')
+    assert mmreparam.fold_error(_Fixed(ref), _Fixed(off), torch.zeros(1))['max_abs'] == \
+        float('inf')
+
+
+def test_fold_error_reports_outputs_that_do_not_correspond():
+    a = _Fixed((torch.zeros(3, 4), torch.ones(2)))
+    for other, message in ((_Fixed((torch.zeros(2, 4), torch.ones(2))), 'shape (3, 4) vs (2, 4)'),
+                           (_Fixed((torch.zeros(3, 4), )), '2 output tensors before')):
+        err = mmreparam.fold_error(a, other, torch.zeros(1))
+        assert err['max_abs'] == err['max_rel'] == float('inf')
+        assert any(message in m for m in err['mismatches']), err
+
+
+def test_fold_error_without_tensors_says_so():
+    with pytest.raises(ValueError, match='no tensor to compare'):
+        mmreparam.fold_error(_Fixed(dict(a='text')), _Fixed(dict(a='text')), torch.zeros(1))
