@@ -8,6 +8,11 @@ ConfigType = Union[dict, ConfigDict]
 OptConfigType = Optional[ConfigType]
 
 
+def describe_error(err: BaseException) -> str:
+    """``'Type: first line of the message'`` (or the type alone): an error in one line."""
+    lines = str(err).strip().splitlines()
+    return f'{type(err).__name__}: {lines[0]}' if lines else type(err).__name__
+
 
 def run_cli(fn: Callable[..., Any], *args,
             errors: Tuple[Type[BaseException], ...] = (OSError, ValueError, TypeError)
@@ -52,4 +57,4 @@ def parse_key_values(items, option: str = '--set') -> dict:
     return values
 
 
-__all__ = ['ConfigType', 'OptConfigType', 'run_cli', 'parse_key_values']
+__all__ = ['ConfigType', 'OptConfigType', 'describe_error', 'run_cli', 'parse_key_values']

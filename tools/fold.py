@@ -6,7 +6,6 @@ and reports the fold error. The deploy pair runs with the unmodified upstream te
 ``python tools/test.py OUT_DIR/deploy_config.py OUT_DIR/deploy.pth``.
 """
 import argparse
-import copy
 import os
 import sys
 import time
@@ -14,8 +13,10 @@ import time
 import torch
 from mmengine.config import Config, DictAction
 
+from mmreparam.utils import describe_error
 
-def parse_args():
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config', help='training config file')
     parser.add_argument('checkpoint', help='checkpoint of that config (train form)')
@@ -26,9 +27,12 @@ def parse_args():
     parser.add_argument('--onnx', action='store_true',
                         help='also export the folded backbone to OUT_DIR/deploy_backbone.onnx, '
                         'check it with onnxruntime and print its op counts')
+    parser.add_argument('--max-rel-error', type=float, default=1e-4,
+                        help='largest relative fold error accepted (default: 1e-4); above '
+                        'it the files are written and the tool exits with 1')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, key=value (as in the upstream tools)')
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def build_model(cfg):
@@ -56,60 +60,96 @@ def load_weights(model, path):
 
 
 def fold_check(cfg, model, folded, shape):
-    """Fold error on one test batch if the dataset is there, else on the backbone."""
+    """``(where, fold error or None, note)``: on one test batch if the dataset is there,
+    else on the backbone with a random input; never raises."""
     from mmreparam import fold_error
+    from mmreparam.apis.fold import fold_error_on_batch
     try:
         from mmengine.runner import Runner
-        loader = Runner.build_dataloader(cfg.test_dataloader)
-        batch = model.data_preprocessor(copy.deepcopy(next(iter(loader))), False)
-        return 'a test batch', fold_error(model, folded, dict(
-            inputs=batch['inputs'], data_samples=batch.get('data_samples'), mode='tensor'))
-    except Exception:  # no dataset here: check the backbone on a random input
+        batch = next(iter(Runner.build_dataloader(cfg.test_dataloader)))
+        err = fold_error_on_batch(model, folded, batch)
+        return 'a test batch' + ('' if err['measured_on'] == 'model outputs'
+                                 else ' (backbone)'), err, None
+    except Exception as exc:  # no dataset here: check the backbone on a random input
+        note = f'no test batch ({describe_error(exc)})'
+    where = f'the backbone on a random {shape[0]}x{shape[1]} input'
+    try:
         x = torch.randn(1, 3, *shape)
-        return f'the backbone on a random {shape[0]}x{shape[1]} input', fold_error(
-            model.backbone, folded.backbone, x)
+        return where, fold_error(getattr(model, 'backbone', model),
+                                 getattr(folded, 'backbone', folded), x), note
+    except Exception as exc:
+        return where, None, f'{note}; not measured on {where} either ({describe_error(exc)})'
 
 
-def main():
-    args = parse_args()
+class FoldFailed(RuntimeError):
+    """The model's own fold raised (e.g. a foreign module's ``switch_to_deploy``)."""
+
+
+class FoldMismatch(RuntimeError):
+    """The fold error is above ``--max-rel-error`` (the files are written all the same)."""
+
+
+def run(args):
+    """The tool's body: check the paths, build, load, fold, check, write."""
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
         if not os.path.isfile(path):
-            sys.exit(f'tools/fold.py: error: {what} {path!r} does not exist')
+            raise FileNotFoundError(f'{what} {path!r} does not exist')
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        sys.exit(f'tools/fold.py: error: output directory {args.out_dir!r} is a file')
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        if not os.access(args.out_dir, os.W_OK):
-            raise PermissionError(f'cannot write to {args.out_dir!r}')
-    except OSError as err:
-        sys.exit(f'tools/fold.py: error: output directory: {err}')
+        raise NotADirectoryError(f'output directory {args.out_dir!r} is a file')
+    os.makedirs(args.out_dir, exist_ok=True)
+    if not os.access(args.out_dir, os.W_OK):
+        raise PermissionError(f'cannot write to output directory {args.out_dir!r}')
 
     import mmreparam
     from mmreparam.apis.deploy import export_deploy
-    from mmreparam.checkpoint import CheckpointError
-    try:
-        cfg = Config.fromfile(args.config)
-        if args.cfg_options:
-            cfg.merge_from_dict(args.cfg_options)
-        model = build_model(cfg)
-        load_weights(model, args.checkpoint)
-    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as err:
-        sys.exit(f'tools/fold.py: error: {err}')
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    model = build_model(cfg)
+    load_weights(model, args.checkpoint)
     model.eval()
     start = time.perf_counter()
-    folded = mmreparam.fold(model)
+    try:
+        folded = mmreparam.fold(model)
+    except Exception as exc:
+        raise FoldFailed(f'folding the model failed ({describe_error(exc)}); nothing was written')
     seconds = time.perf_counter() - start
-    where, err = fold_check(cfg, model, folded, args.shape)
+    where, err, note = fold_check(cfg, model, folded, args.shape)
+    if err is None:
+        fold_check_meta = dict(status='not measured', reason=note)
+    else:
+        fold_check_meta = dict(status='passed' if err['max_rel'] <= args.max_rel_error
+                               else 'failed', max_rel_error=args.max_rel_error,
+                               measured_on=where)
     params = sum(p.numel() for p in model.parameters())
     params_folded = sum(p.numel() for p in folded.parameters())
     paths = export_deploy(folded, cfg, args.out_dir,
-                          meta=dict(source=os.path.abspath(args.checkpoint), fold_error=err))
+                          meta=dict(source=os.path.abspath(args.checkpoint), fold_error=err,
+                                    fold_check=fold_check_meta))
+    measured = ('not measured: ' + note if err is None else
+                f'max abs {err["max_abs"]:.3g}, max rel {err["max_rel"]:.3g}')
     print(f'folded in {seconds:.2f} s: {params / 1e6:.2f}M -> {params_folded / 1e6:.2f}M '
-          f'parameters; fold error on {where}: max abs {err["max_abs"]:.3g}, '
-          f'max rel {err["max_rel"]:.3g}')
-    print(f'wrote {paths["checkpoint"]} and {paths["config"]}')
+          f'parameters; fold error on {where}: {measured}')
+    print('wrote ' + ' and '.join(p for p in (paths['checkpoint'], paths['config']) if p))
     if args.onnx:
         export_backbone_onnx(folded, args.out_dir, args.shape)
+    if fold_check_meta['status'] == 'failed':
+        raise FoldMismatch(
+            f'fold error {err["max_rel"]:.3g} on {where} is above --max-rel-error '
+            f'{args.max_rel_error:g}: the folded model does not compute what the trained one '
+            'computes (the files are written, marked fold_check=failed, for inspection)')
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status (1 with one ``error:`` line on failure)."""
+    from mmreparam.checkpoint import CheckpointError
+    from mmreparam.utils import run_cli
+    error = run_cli(run, parse_args(argv),
+                    errors=(CheckpointError, FoldFailed, FoldMismatch, OSError, ValueError,
+                            KeyError, TypeError))
+    if error:
+        print(f'tools/fold.py: {error}', file=sys.stderr)
+    return 1 if error else 0
 
 
 def export_backbone_onnx(folded, out_dir, shape):
@@ -124,4 +164,4 @@ def export_backbone_onnx(folded, out_dir, shape):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

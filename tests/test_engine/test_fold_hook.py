@@ -1,4 +1,7 @@
 """FoldHook inside a real mmengine run (an mmpretrain classifier on a tiny image folder)."""
+import logging
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ from PIL import Image
 
 import mmreparam
 from mmreparam.apis.deploy import atomic_write, deploy_config, save_checkpoint_atomic
+from mmreparam.engine.hooks import fold_hook as fold_hook_module
 
 CLASSES = ('a', 'b', 'c')
 
@@ -187,3 +191,254 @@ def test_fold_hook_with_a_runner_built_from_objects(image_folder, tmp_path):
     state = torch.load(tmp_path / 'deploy.pth', map_location='cpu', weights_only=True)
     folded = mmreparam.fold(runner.model)
     assert state['state_dict'].keys() == folded.state_dict().keys()
+
+
+# --- Faults at the end of training: the run finishes, nothing is lost --------------------
+
+class _ForeignNeck(torch.nn.Module):
+    """Global pooling with another library's ``switch_to_deploy``: one that raises, or one
+    that changes the function (a wrong fold)."""
+
+    def __init__(self, on_deploy='raise'):
+        super().__init__()
+        self.on_deploy = on_deploy
+        self.register_buffer('scale', torch.ones(()))
+
+    def forward(self, inputs):
+        return tuple(x.mean((2, 3)) * self.scale for x in inputs)
+
+    def switch_to_deploy(self):
+        if self.on_deploy == 'raise':
+            raise RuntimeError('switch_to_deploy is broken (injected)')
+        self.scale.fill_(1.5)
+
+
+@pytest.fixture
+def foreign_neck():
+    from mmpretrain.registry import MODELS
+    MODELS.register_module('MmreparamTestForeignNeck', module=_ForeignNeck, force=True)
+    yield 'MmreparamTestForeignNeck'
+    MODELS._module_dict.pop('MmreparamTestForeignNeck', None)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def lines(self, level):
+        return [r.getMessage() for r in self.records
+                if r.levelno == level and 'FoldHook' in r.getMessage()]
+
+
+def run_training(cfg, expect=None):
+    """Train from a config file (as the tools do); return the runner and the log records."""
+    runner = Runner.from_cfg(cfg)
+    records = _Records()
+    runner.logger.addHandler(records)
+    try:
+        if expect is None:
+            runner.train()
+        else:
+            with pytest.raises(expect):
+                runner.train()
+    finally:
+        runner.logger.removeHandler(records)
+    return runner, records
+
+
+def config_file(cfg, tmp_path):
+    path = tmp_path / 'cfg.py'
+    cfg.dump(str(path))
+    return Config.fromfile(str(path))
+
+
+def assert_checkpoints_intact(work_dir, its=(2, 4)):
+    for it in its:
+        state = torch.load(work_dir / f'iter_{it}.pth', map_location='cpu')['state_dict']
+        assert any('weight_orepa_origin' in k for k in state)
+
+
+def deploy_files(folder):
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name.startswith(('deploy', '.deploy')))
+
+
+def redo_with_fold_tool(hint, tmp_path):
+    """Run the ``tools/fold.py ...`` command that an ERROR line names."""
+    import importlib.util
+    import shlex
+    spec = importlib.util.spec_from_file_location(
+        'fold_tool', os.path.join(os.path.dirname(__file__), '..', '..', 'tools', 'fold.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    command = hint.split('redo it with: ', 1)[1]
+    argv = shlex.split(command)[2:]  # drop 'python tools/fold.py'
+    assert tool.main(argv) == 0
+    return argv[-1]
+
+
+def test_measuring_failure_is_a_warning_and_the_files_are_written(image_folder, tmp_path,
+                                                                  monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError('max(): Expected reduction dim to be specified (injected)')
+
+    monkeypatch.setattr(fold_hook_module, 'fold_error_on_batch', broken)
+    cfg = classifier_cfg(image_folder, tmp_path, hooks=[dict(type='mmreparam.FoldHook')])
+    runner, records = run_training(cfg)
+    warnings = records.lines(logging.WARNING)
+    assert len(warnings) == 1 and 'could not measure the fold error (RuntimeError: max()' \
+        in warnings[0], warnings
+    assert not records.lines(logging.ERROR)
+    meta = torch.load(tmp_path / 'deploy.pth', weights_only=True)['meta']
+    assert meta['fold_check']['status'] == 'not measured' and meta['fold_error'] is None
+    assert (tmp_path / 'deploy_config.py').exists()
+
+
+def test_a_wrong_fold_is_an_error_recorded_in_the_meta(image_folder, tmp_path, foreign_neck):
+    cfg = classifier_cfg(image_folder, tmp_path, hooks=[dict(type='mmreparam.FoldHook')])
+    cfg.model.neck = dict(type=foreign_neck, on_deploy='scale')
+    runner, records = run_training(cfg)
+    errors = records.lines(logging.ERROR)
+    assert len(errors) == 1 and 'above max_rel_error=0.0001' in errors[0], errors
+    meta = torch.load(tmp_path / 'deploy.pth', weights_only=True)['meta']
+    assert meta['fold_check']['status'] == 'failed' and meta['fold_error']['max_rel'] > 0.1
+    assert (tmp_path / 'deploy_config.py').exists()
+    assert_checkpoints_intact(tmp_path)
+
+
+def test_fold_failure_loses_nothing_and_fold_py_redoes_the_export(image_folder, tmp_path,
+                                                                  foreign_neck, monkeypatch):
+    cfg = classifier_cfg(image_folder, tmp_path / 'work',
+                         hooks=[dict(type='mmreparam.FoldHook')])
+    cfg.model.neck = dict(type=foreign_neck, on_deploy='raise')
+    runner, records = run_training(config_file(cfg, tmp_path))
+    errors = records.lines(logging.ERROR)
+    assert len(errors) == 1, errors
+    assert 'export failed while folding the model (RuntimeError: switch_to_deploy is ' \
+        'broken (injected))' in errors[0]
+    assert f'python tools/fold.py {tmp_path / "cfg.py"} {tmp_path / "work" / "iter_4.pth"} ' \
+        f'{tmp_path / "work"}' in errors[0]
+    assert deploy_files(tmp_path / 'work') == []
+    assert_checkpoints_intact(tmp_path / 'work')
+    # Once the module is mended, the command in the message redoes the export.
+    monkeypatch.setattr(_ForeignNeck, 'switch_to_deploy', lambda self: None)
+    out = redo_with_fold_tool(errors[0], tmp_path)
+    assert deploy_files(tmp_path / 'work') == ['deploy.pth', 'deploy_config.py']
+    assert out == str(tmp_path / 'work')
+
+
+def fail_when_writing(name, error, monkeypatch):
+    """Make writes of the temporary of ``name`` fail after writing a part of it."""
+    real_save, real_dump = torch.save, Config.dump
+
+    def partial_then_fail(path):
+        with open(path, 'wb') as f:
+            f.write(b'partial')
+        raise error
+
+    def save(obj, path, *args, **kwargs):
+        if f'.{name}.tmp.' in str(path):
+            partial_then_fail(path)
+        return real_save(obj, path, *args, **kwargs)
+
+    def dump(self, path=None):
+        if path is not None and f'.{name}.tmp.' in str(path):
+            partial_then_fail(path)
+        return real_dump(self, path)
+
+    monkeypatch.setattr(torch, 'save', save)
+    monkeypatch.setattr(Config, 'dump', dump)
+
+
+@pytest.mark.parametrize('name', ['deploy.pth', 'deploy_config.py'])
+def test_disk_full_while_writing_leaves_no_partial_file(image_folder, tmp_path, monkeypatch,
+                                                       name):
+    fail_when_writing(name, OSError(28, 'No space left on device'), monkeypatch)
+    cfg = classifier_cfg(image_folder, tmp_path, hooks=[dict(type='mmreparam.FoldHook')])
+    runner, records = run_training(cfg)
+    errors = records.lines(logging.ERROR)
+    assert len(errors) == 1 and 'export failed while writing deploy.pth to' in errors[0] \
+        and 'No space left on device' in errors[0] and 'tools/fold.py' in errors[0], errors
+    assert deploy_files(tmp_path) == []  # neither file, no temporary
+    assert_checkpoints_intact(tmp_path)
+    assert runner.iter == 4
+
+
+def test_unwritable_output_folder(image_folder, tmp_path):
+    blocker = tmp_path / 'blocker'
+    blocker.write_text('a file where the output folder should be')
+    hook = dict(type='mmreparam.FoldHook', out_dir=str(blocker / 'deploy'))
+    runner, records = run_training(classifier_cfg(image_folder, tmp_path, hooks=[hook]))
+    errors = records.lines(logging.ERROR)
+    assert len(errors) == 1 and 'export failed while writing' in errors[0], errors
+    assert deploy_files(tmp_path) == [] and blocker.read_text().startswith('a file')
+    assert_checkpoints_intact(tmp_path)
+
+
+def test_keyboard_interrupt_during_the_write_stops_the_run_after_cleaning_up(
+        image_folder, tmp_path, monkeypatch):
+    fail_when_writing('deploy.pth', KeyboardInterrupt(), monkeypatch)
+    cfg = classifier_cfg(image_folder, tmp_path, hooks=[dict(type='mmreparam.FoldHook')])
+    runner, records = run_training(cfg, expect=KeyboardInterrupt)
+    errors = records.lines(logging.ERROR)
+    assert len(errors) == 1 and 'export interrupted while writing deploy.pth' in errors[0]
+    assert deploy_files(tmp_path) == []
+    assert_checkpoints_intact(tmp_path)
+
+
+def test_a_failing_every_checkpoint_export_does_not_stop_the_checkpoint(
+        image_folder, tmp_path, monkeypatch):
+    fail_when_writing('deploy_iter_2.pth', OSError(28, 'No space left on device'),
+                      monkeypatch)
+    hook = dict(type='mmreparam.FoldHook', every_checkpoint=True, check_batch=False)
+    runner, records = run_training(classifier_cfg(image_folder, tmp_path, hooks=[hook]))
+    errors = records.lines(logging.ERROR)
+    assert len(errors) == 1 and 'writing deploy_iter_2.pth' in errors[0], errors
+    assert f'{tmp_path / "iter_2.pth"}' in errors[0]
+    assert_checkpoints_intact(tmp_path)  # iter_2.pth saved despite the failed export
+    assert deploy_files(tmp_path) == ['deploy.pth', 'deploy_config.py', 'deploy_iter_4.pth']
+
+
+def test_fold_for_test_with_a_wrong_fold_tests_the_folded_model(image_folder, tmp_path,
+                                                                 foreign_neck):
+    cfg = classifier_cfg(image_folder, tmp_path, max_iters=2, hooks=[
+        dict(type='mmreparam.FoldHook', fold_for_test=True)])
+    cfg.model.neck = dict(type=foreign_neck, on_deploy='scale')
+    runner = Runner.from_cfg(cfg)
+    hook = [h for h in runner.hooks if isinstance(h, mmreparam.FoldHook)][0]
+    records = _Records()
+    runner.logger.addHandler(records)
+    tested = []
+    runner.test_loop.run_iter = lambda idx, batch, run=runner.test_loop.run_iter: (
+        tested.append(runner.model), run(idx, batch))[1]
+    runner.test()
+    assert tested and all(m.neck.scale == 1.5 for m in tested)  # the folded model ran
+    assert hook.last_fold_check['status'] == 'failed'
+    errors = records.lines(logging.ERROR)
+    assert len(errors) == 2 and 'above max_rel_error' in errors[0] \
+        and 'testing the folded model all the same' in errors[1], errors
+    assert runner.model.neck.scale == 1.0  # restored
+
+
+def test_fold_for_test_when_the_fold_fails_tests_the_train_time_model(image_folder, tmp_path,
+                                                                     foreign_neck):
+    cfg = classifier_cfg(image_folder, tmp_path, max_iters=2, hooks=[
+        dict(type='mmreparam.FoldHook', fold_for_test=True)])
+    cfg.model.neck = dict(type=foreign_neck, on_deploy='raise')
+    runner = Runner.from_cfg(cfg)
+    model = runner.model
+    records = _Records()
+    runner.logger.addHandler(records)
+    metrics = runner.test()
+    assert 'accuracy/top1' in metrics and runner.model is model
+    errors = records.lines(logging.ERROR)
+    assert len(errors) == 1 and 'testing the train-time model instead' in errors[0]
+
+
+def test_max_rel_error_must_be_positive():
+    with pytest.raises(ValueError, match='max_rel_error must be positive'):
+        mmreparam.FoldHook(max_rel_error=0)

@@ -220,3 +220,59 @@ default_hooks['checkpoint']['interval'] = 2
     with torch.no_grad():
         for a, b in zip(trained.eval().backbone(x), folded.eval().backbone(x)):
             assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def upstream_train_script(toolbox='mmdet'):
+    import importlib
+    package = importlib.import_module(toolbox)
+    return Path(package.__file__).parent / '.mim' / 'tools' / 'train.py'
+
+
+def test_mmdet_own_train_py_ends_a_short_run_with_empty_outputs_and_exports(tmp_path, data):
+    """The reported failure: a barely trained Faster R-CNN keeps no proposal, so its
+    tensor-mode outputs are empty; FoldHook used to raise in fold_error and fail the run.
+    Through mmdet's own, unmodified tools/train.py (FoldHook resolves without imports)."""
+    cfg = tmp_path / 'det.py'
+    cfg.write_text(DET_CFG.format(root=ROOT, data=data) + '''
+# No proposal survives: every tensor the model returns in mode='tensor' is empty.
+model['test_cfg'] = dict(rpn=dict(min_bbox_size=10000))
+train_cfg.update(max_iters=2, val_interval=2)
+''')
+    work = tmp_path / 'work'
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.run([sys.executable, str(upstream_train_script()), str(cfg),
+                           '--work-dir', str(work)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert 'output tensor(s) are empty' in log
+    assert 'FoldHook: fold error on a validation batch (backbone)' in log
+    assert (work / 'iter_2.pth').exists()
+    check_deploy_artifacts(work, 'mmdet')
+    meta = torch.load(work / 'deploy.pth', map_location='cpu', weights_only=True)['meta']
+    assert meta['fold_check']['status'] == 'passed'
+    assert meta['fold_error']['measured_on'] == 'backbone outputs'
+
+
+def test_two_processes_finish_when_rank0_export_fails(tmp_path, data):
+    """Rank 0 exports; when that fails (here: the output folder cannot be made), both
+    processes still end, with the training's exit status, and the log says so once."""
+    blocker = tmp_path / 'blocker'
+    blocker.write_text('a file where the deploy folder should be')
+    cfg = tmp_path / 'det.py'
+    cfg.write_text(DET_CFG.format(root=ROOT, data=data) + f'''
+train_dataloader['batch_size'] = 1
+train_cfg.update(max_iters=2, val_interval=2)
+custom_hooks = [dict(type='mmreparam.FoldHook', out_dir='{blocker / "deploy"}')]
+''')
+    work = tmp_path / 'work'
+    env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable, PYTHONUNBUFFERED='1')
+    proc = subprocess.run(['bash', str(ROOT / 'tools' / 'dist_train.sh'), str(cfg), '2',
+                           '--work-dir', str(work)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert 'Distributed training: True' in log
+    assert log.count('FoldHook: export failed while writing deploy.pth') == 1, log[-4000:]
+    assert 'redo it with: python tools/fold.py' in log
+    assert (work / 'iter_2.pth').exists() and blocker.read_text().startswith('a file')

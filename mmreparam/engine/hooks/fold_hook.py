@@ -1,17 +1,25 @@
 """FoldHook: write the folded model and its deploy config after training."""
 import copy
+import logging
+import os.path as osp
+import shlex
 from typing import Optional
 
 import torch
 from mmengine.dist import is_main_process
-from mmengine.hooks import EMAHook, Hook
+from mmengine.hooks import CheckpointHook, EMAHook, Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.runner import EpochBasedTrainLoop
 
 from ...apis.deploy import DEPLOY_CKPT, export_deploy
-from ...apis.fold import fold, fold_error
+from ...apis.fold import fold, fold_error_on_batch
 from ...registry import HOOKS
+from ...utils import describe_error
+
+
+def _log(message: str, level: int = logging.INFO) -> None:
+    print_log(f'FoldHook: {message}', logger='current', level=level)
 
 
 @HOOKS.register_module()
@@ -27,23 +35,50 @@ class FoldHook(Hook):
     The live model is never modified: the fold works on a deep copy, so ``EMAHook``,
     ``--resume`` and further training are unaffected. Only rank 0 writes, atomically.
 
+    The export never turns a finished training into a failure:
+
+    - measuring is advisory: when the fold error cannot be measured (the model's outputs
+      are empty, the batch cannot be loaded, ...) one WARNING says why and the files are
+      written all the same;
+    - a fold error above ``max_rel_error`` is logged as an ERROR and recorded in
+      ``deploy.pth``'s meta (``fold_check``), and the files are still written;
+    - when the fold or the writing fails (a module whose ``switch_to_deploy`` raises, a
+      full disk, an unwritable folder), one ERROR says what failed and how to redo the
+      export offline with ``tools/fold.py``; no partial file is left and training goes
+      on (or ends) as it would have. A KeyboardInterrupt during the export still stops the
+      run, after the same clean-up.
+
     Args:
         fold_for_test (bool): Run the test loop on a folded copy of the model (restored
-            afterwards). Defaults to False.
+            afterwards). The fold error is measured on a test batch first; when it is above
+            ``max_rel_error`` the folded model is still the one tested (its metrics are
+            what the deployed model gives) and the log has an ERROR saying so. When the
+            fold itself fails, the train-time model is tested and the ERROR says that.
+            Defaults to False.
         every_checkpoint (bool): Also export after each checkpoint save, as
-            ``deploy_iter_N.pth`` / ``deploy_epoch_N.pth``. Defaults to False.
+            ``deploy_iter_N.pth`` / ``deploy_epoch_N.pth``. A failing export never stops
+            the checkpoint from being saved. Defaults to False.
         check_batch (bool): Measure the fold error on a validation batch. Defaults to True.
         out_dir (str, optional): Where to write; None gives the work dir.
+        max_rel_error (float): The largest relative fold error (largest absolute difference
+            over the largest absolute output, see :func:`mmreparam.fold_error`) accepted as
+            exact. A correct fold stays near 1e-6 in float32; TF32 is turned off for the
+            check. Defaults to 1e-4.
     """
     priority = 'VERY_LOW'  # after CheckpointHook and EMAHook
 
     def __init__(self, fold_for_test: bool = False, every_checkpoint: bool = False,
-                 check_batch: bool = True, out_dir: Optional[str] = None):
+                 check_batch: bool = True, out_dir: Optional[str] = None,
+                 max_rel_error: float = 1e-4):
+        if not max_rel_error > 0:
+            raise ValueError(f'FoldHook: max_rel_error must be positive, got {max_rel_error!r}')
         self.fold_for_test = fold_for_test
         self.every_checkpoint = every_checkpoint
         self.check_batch = check_batch
         self.out_dir = out_dir
+        self.max_rel_error = float(max_rel_error)
         self.last_fold_error: Optional[dict] = None
+        self.last_fold_check: Optional[dict] = None
         self._test_model = None
 
     @staticmethod
@@ -57,43 +92,95 @@ class FoldHook(Hook):
                 return copy.deepcopy(hook.ema_model.module)
         return copy.deepcopy(self._unwrap(runner.model))
 
-    def _measure(self, runner, model, folded) -> Optional[dict]:
-        loader = None
-        for name in ('val_dataloader', 'test_dataloader', 'train_dataloader'):
+    @staticmethod
+    def _first_batch(runner, loader_names):
+        for name in loader_names:
             try:
                 loader = getattr(runner, name)
             except Exception:  # not configured
                 loader = None
             if loader is not None:
-                break
-        if loader is None:
-            print_log('FoldHook: no dataloader to measure the fold error on',
-                      logger='current', level=30)
-            return None
-        batch = model.data_preprocessor(copy.deepcopy(next(iter(loader))), False)
-        return fold_error(model, folded, dict(inputs=batch['inputs'],
-                                              data_samples=batch.get('data_samples'),
-                                              mode='tensor'))
+                split = dict(val='validation', train='training').get(name.split('_')[0],
+                                                                    name.split('_')[0])
+                return split, next(iter(loader))
+        raise ValueError('no dataloader is configured')
 
-    def _export(self, runner, model, ckpt_name=DEPLOY_CKPT):
-        if not is_main_process():
-            return
-        model.eval()
-        folded = fold(model)
-        if self.check_batch:
-            self.last_fold_error = self._measure(runner, model, folded)
-            if self.last_fold_error is not None:
-                print_log('FoldHook: fold error on a validation batch: max abs '
-                          f'{self.last_fold_error["max_abs"]:.3g}, max rel '
-                          f'{self.last_fold_error["max_rel"]:.3g}', logger='current')
-        meta = dict(iter=runner.iter, epoch=runner.epoch, fold_error=self.last_fold_error,
-                    experiment_name=runner.experiment_name)
-        export_deploy(folded, runner.cfg, self.out_dir or runner.work_dir, meta,
-                      ckpt_name=ckpt_name)
+    def _check(self, runner, model, folded, loader_names) -> dict:
+        """Measure the fold error; never raises. Returns the ``fold_check`` record."""
+        limit = self.max_rel_error
+        try:
+            split, batch = self._first_batch(runner, loader_names)
+            err = fold_error_on_batch(model, folded, batch)
+        except Exception as exc:
+            _log(f'could not measure the fold error ({describe_error(exc)}); the fold is not '
+                 'checked', logging.WARNING)
+            self.last_fold_error = None
+            return dict(status='not measured', reason=describe_error(exc), max_rel_error=limit)
+        self.last_fold_error = err
+        status = 'passed' if err['max_rel'] <= limit else 'failed'
+        what = f'a {split} batch' + ('' if err['measured_on'] == 'model outputs'
+                                     else ' (backbone)')
+        _log(f'fold error on {what}: max abs {err["max_abs"]:.3g}, max rel '
+             f'{err["max_rel"]:.3g} (limit {limit:g})')
+        if status == 'failed':
+            detail = '; '.join(err['mismatches'][:3])
+            _log(f'the fold error {err["max_rel"]:.3g} is above max_rel_error={limit:g}'
+                 + (f' ({detail})' if detail else '') + ': the folded model does not compute '
+                 'what the trained one computes', logging.ERROR)
+        return dict(status=status, max_rel_error=limit, measured_on=what)
+
+    @staticmethod
+    def _redo_hint(runner, checkpoint: Optional[str], out_dir: str) -> str:
+        config = getattr(runner.cfg, 'filename', None) or 'CONFIG'
+        if checkpoint is None:
+            checkpoint = 'CHECKPOINT'
+            for hook in runner.hooks:
+                if isinstance(hook, CheckpointHook):
+                    last = osp.join(getattr(hook, 'out_dir', None) or runner.work_dir,
+                                    'last_checkpoint')
+                    if osp.isfile(last):
+                        with open(last) as f:
+                            checkpoint = f.read().strip() or checkpoint
+        command = ' '.join(shlex.quote(str(a)) for a in (config, checkpoint, out_dir))
+        return f'redo it with: python tools/fold.py {command}'
+
+    def _export(self, runner, source, ckpt_name=DEPLOY_CKPT,
+                checkpoint: Optional[str] = None) -> Optional[dict]:
+        """Fold ``source()``, check, write. Never raises an ``Exception``; returns the
+        written paths, or None when nothing was written."""
+        out_dir = self.out_dir or runner.work_dir
+        stage = 'copying the model'
+        try:
+            model = source()
+            model.eval()
+            stage = 'folding the model'
+            folded = fold(model)
+            if self.check_batch:
+                fold_check = self._check(runner, model, folded, ('val_dataloader',
+                                                                 'test_dataloader',
+                                                                 'train_dataloader'))
+            else:
+                self.last_fold_error = None
+                fold_check = dict(status='not measured', reason='check_batch=False')
+            self.last_fold_check = fold_check
+            meta = dict(iter=runner.iter, epoch=runner.epoch, fold_error=self.last_fold_error,
+                        fold_check=fold_check, experiment_name=runner.experiment_name)
+            stage = f'writing {ckpt_name} to {out_dir}'
+            return export_deploy(folded, runner.cfg, out_dir, meta, ckpt_name=ckpt_name)
+        except Exception as exc:
+            _log(f'export failed while {stage} ({describe_error(exc)}); no deploy file was '
+                 'written or changed and the training checkpoints are untouched; '
+                 f'{self._redo_hint(runner, checkpoint, out_dir)}', logging.ERROR)
+        except KeyboardInterrupt:
+            _log(f'export interrupted while {stage}; no deploy file was written or changed; '
+                 f'{self._redo_hint(runner, checkpoint, out_dir)}', logging.ERROR)
+            raise
+        return None
 
     def after_train(self, runner) -> None:
-        """Fold a copy of the trained model and write the deploy artifacts."""
-        self._export(runner, self._deploy_source(runner))
+        """Fold a copy of the trained model and write the deploy artifacts (rank 0)."""
+        if is_main_process():
+            self._export(runner, lambda: self._deploy_source(runner))
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         """With ``every_checkpoint``: export the weights of the checkpoint being saved.
@@ -102,20 +189,39 @@ class FoldHook(Hook):
         """
         if not self.every_checkpoint or not is_main_process():
             return
-        model = copy.deepcopy(self._unwrap(runner.model))
-        model.load_state_dict(checkpoint['state_dict'])
         meta = checkpoint.get('meta', {})
         by_epoch = isinstance(runner.train_loop, EpochBasedTrainLoop)
         tag = f'epoch_{meta.get("epoch", runner.epoch)}' if by_epoch else \
             f'iter_{meta.get("iter", runner.iter)}'
-        self._export(runner, model, ckpt_name=f'deploy_{tag}.pth')
+
+        def source():
+            model = copy.deepcopy(self._unwrap(runner.model))
+            model.load_state_dict(checkpoint['state_dict'])
+            return model
+
+        self._export(runner, source, ckpt_name=f'deploy_{tag}.pth',
+                     checkpoint=osp.join(runner.work_dir, f'{tag}.pth'))
 
     def before_test(self, runner) -> None:
         """With ``fold_for_test``: test a folded copy of the model."""
-        if self.fold_for_test:
-            self._test_model = runner.model
-            runner.model = fold(self._unwrap(runner.model))
-            print_log('FoldHook: testing the folded model', logger='current')
+        if not self.fold_for_test:
+            return
+        model = self._unwrap(runner.model)
+        try:
+            folded = fold(model)
+        except Exception as exc:
+            _log(f'folding for the test failed ({describe_error(exc)}); testing the train-time '
+                 'model instead', logging.ERROR)
+            return
+        if self.check_batch:
+            check = self._check(runner, model, folded, ('test_dataloader', 'val_dataloader'))
+            self.last_fold_check = check
+            if check['status'] == 'failed':
+                _log('testing the folded model all the same: its metrics are those the '
+                     'deployed model would give', logging.ERROR)
+        self._test_model = runner.model
+        runner.model = folded
+        _log('testing the folded model')
 
     def after_test(self, runner) -> None:
         """Restore the model that was replaced for the test."""
