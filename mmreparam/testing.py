@@ -105,3 +105,52 @@ def official_repopt_keys(state_dict: dict) -> dict:
             key = key.replace(f'stage_{i}.', f'stage{i}.', 1)
         official[key] = value
     return official
+
+
+def _is_view(func) -> bool:
+    """Whether an ATen operator returns a view of an input (not a new tensor; in-place and
+    ``out=`` operators write, so they count as work)."""
+    return any(r.alias_info is not None and not r.alias_info.is_write
+               for r in func._schema.returns)
+
+
+def count_device_ops(fn) -> dict:
+    """Count the ATen operators that ``fn()`` dispatches on non-CPU tensors.
+
+    Run a model on the ``meta`` device (shapes only, no arithmetic) to count, on a machine
+    without a GPU, the kernels that the same code launches on a GPU: each operator that
+    writes a non-CPU tensor is one launch on CUDA (views are only metadata and counted
+    apart). The backward pass is counted too (autograd runs it in the same mode).
+
+    Args:
+        fn (callable): What to count, e.g. one forward and backward pass.
+
+    Returns:
+        dict: ``ops`` (operators, views excluded), ``views`` and ``by_op``, the count of each
+        operator name.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Counter(TorchDispatchMode):
+
+        def __init__(self):
+            super().__init__()
+            self.ops, self.views, self.by_op = 0, 0, {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = tree_flatten((args, kwargs, out))[0]
+            if any(isinstance(t, torch.Tensor) and t.device.type != 'cpu' for t in tensors):
+                if _is_view(func):
+                    self.views += 1
+                else:
+                    self.ops += 1
+                    self.by_op[str(func)] = self.by_op.get(str(func), 0) + 1
+            return out
+
+    counter = Counter()
+    with counter:
+        fn()
+    return dict(ops=counter.ops, views=counter.views,
+                by_op=dict(sorted(counter.by_op.items(), key=lambda kv: -kv[1])))

@@ -3,21 +3,45 @@ from typing import List
 
 import torch.nn as nn
 from mmengine.model import BaseModule
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.base import fold_children
+from ..layers.orepa import batched_kernel_generation
 
 
 class ReparamBackbone(BaseModule):
     """Base of :class:`ResNet` and :class:`RepVGG`.
 
-    Subclasses set ``self.stem``, ``self.frozen_stages``, ``self.norm_eval`` and
-    ``self.deploy``, and list their stages (after the stem) in :meth:`stage_modules`.
+    Subclasses set ``self.stem``, ``self.out_indices``, ``self.frozen_stages``,
+    ``self.norm_eval`` and ``self.deploy``, list their stages (after the stem) in
+    :meth:`stage_modules`, and override :meth:`forward_stem` when more than the stem runs
+    before the first stage.
     """
 
     def stage_modules(self) -> List[nn.Module]:
         """The stages after the stem, in order."""
         raise NotImplementedError
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """The part before the first stage (the stem, and its pooling if any)."""
+        return self.stem(x)
+
+    def forward(self, x: Tensor) -> tuple:
+        """Return the features of the stages in ``out_indices``.
+
+        The kernels of the OREPA generators are generated in batches of one shape
+        (:func:`~mmreparam.models.layers.batched_kernel_generation`) where that applies.
+        """
+        constants = self.__dict__.setdefault('_generation_constants', {})  # not state
+        with batched_kernel_generation(self, constants):
+            x = self.forward_stem(x)
+            outs = []
+            for i, stage in enumerate(self.stage_modules()):
+                x = stage(x)
+                if i in self.out_indices:
+                    outs.append(x)
+        return tuple(outs)
 
     def _freeze_stages(self):
         """Freeze the stem (``frozen_stages >= 0``) and the first ``frozen_stages`` stages."""

@@ -318,21 +318,15 @@ class RepMLPResNet(ResidualBackbone):
             units.append(unit)
         return nn.Sequential(*units)
 
-    def forward(self, x: Tensor) -> tuple:
-        """Return the features of the stages in ``out_indices``."""
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """Check the input size (``'partition'``), then the stem and the max pooling."""
         if self.global_perceptron == 'partition' and tuple(x.shape[2:]) != self.img_size:
             raise ValueError(
                 f"RepMLPResNet with global_perceptron='partition' takes "
                 f'{self.img_size[0]}x{self.img_size[1]} inputs only (img_size), got '
                 f'{x.shape[2]}x{x.shape[3]}; for inputs of any size (detection) use '
                 "global_perceptron='channel' (or None) with pad_input=True")
-        x = self.maxpool(self.stem(x))
-        outs = []
-        for i, name in enumerate(self.res_layers):
-            x = getattr(self, name)(x)
-            if i in self.out_indices:
-                outs.append(x)
-        return tuple(outs)
+        return super().forward_stem(x)
 
 
 __all__ = ['RepMLPResNet', 'RepMLPLightUnit', 'RepMLPBottleneckUnit']

@@ -153,16 +153,6 @@ class RepVGG(ReparamBackbone):
             raise ValueError('arch num_blocks and width_factor must have the same length')
         return dict(dict(group_layer_map=None, use_se=False), **arch)
 
-    def forward(self, x: Tensor) -> tuple:
-        """Return the features of the stages in ``out_indices``."""
-        x = self.stem(x)
-        outs = []
-        for i, name in enumerate(self.stages):
-            x = getattr(self, name)(x)
-            if i in self.out_indices:
-                outs.append(x)
-        return tuple(outs)
-
     def stage_modules(self):
         """The stages ``stage_1``, ``stage_2``, ..."""
         return [getattr(self, name) for name in self.stages]

@@ -140,6 +140,10 @@ class ResidualBackbone(ReparamBackbone):
         """The residual stages ``layer1``, ``layer2``, ..."""
         return [getattr(self, name) for name in self.res_layers]
 
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """The stem and the max pooling."""
+        return self.maxpool(self.stem(x))
+
 
 @MODELS.register_module()
 class ResNet(ResidualBackbone):
@@ -328,16 +332,6 @@ class ResNet(ResidualBackbone):
                            with_cp=self.with_cp, norm_cfg=self.norm_cfg, dcn=dcn,
                            deploy=self.deploy, groups=groups, base_width=base_width))
         return nn.Sequential(*units)
-
-    def forward(self, x: Tensor) -> tuple:
-        """Return the features of the stages in ``out_indices``."""
-        x = self.maxpool(self.stem(x))
-        outs = []
-        for i, name in enumerate(self.res_layers):
-            x = getattr(self, name)(x)
-            if i in self.out_indices:
-                outs.append(x)
-        return tuple(outs)
 
 
 __all__ = ['ResNet', 'BasicBlock', 'Bottleneck']

@@ -10,19 +10,20 @@ training checkpoints map by key renaming. The helper tensors (identity, frequenc
 non-persistent (or computed on the fly) here: they do not belong in checkpoints.
 """
 import contextlib
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmengine.logging import print_log
 from torch import Tensor
 
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
+from . import orepa_function as fn
 from .base import ReparamBlock, build_bn
 from .branches import RepVGGBlock
 from .fuse import compose_kernels, frequency_prior, fuse_bn, identity_kernel
-from .orepa_function import OREPA1x1KernelFunction, OREPAKernelFunction
 
 #: Initial branch scales of the official OREPA block (rows of ``vector``).
 OREPA_VECTOR_INIT = dict(origin=0.25, avg=0.25, prior=0.0, conv1x1_kxk=0.5, conv1x1=1.0,
@@ -49,6 +50,9 @@ class OREPAGeneratorMixin:
     - ``conv1x1``: a ``1x1`` (optional: the OREPA-VGG generator has none);
     - ``dw_pw``: a depthwise ``kxk`` (8 filters per input channel) followed by a ``1x1``.
     """
+    #: The kernel generated for this module by :func:`batched_kernel_generation`, while
+    #: it runs (not state: never saved, cleared on exit).
+    _batched_kernel: Optional[Tensor] = None
 
     def _init_generator(self,
                         in_channels: int,
@@ -114,36 +118,85 @@ class OREPAGeneratorMixin:
     def generate_kernel(self) -> Tensor:
         """The generated ``(out, in/groups, k, k)`` kernel (differentiable).
 
-        The kernel-sized work runs in one fused autograd node
-        (:class:`~mmreparam.models.layers.orepa_function.OREPAKernelFunction`); the branches
-        that are a ``1x1`` weight times a fixed per-channel ``kxk`` pattern (average, prior,
-        centre tap) enter it as one ``(out, p, in/groups)`` weight tensor with their ``(p, out)``
-        scales.
+        Inside :func:`batched_kernel_generation` it is the kernel generated there for all
+        generators of this shape at once; otherwise it is generated here (a batch of one).
         """
+        if self._batched_kernel is not None:
+            return self._batched_kernel
+        return self.generate_batch([self])[0]
+
+    def batch_key(self) -> Optional[tuple]:
+        """Generators with the same key generate their kernels as one batch; None when the
+        module holds no generator (folded)."""
+        origin = getattr(self, 'weight_orepa_origin', None)
+        if origin is None:
+            return None
+        return ('orepa_kxk', self.branch_names, self.gen_groups, tuple(origin.shape),
+                tuple(self.weight_orepa_1x1_kxk_conv2.shape),
+                tuple(self.weight_orepa_gconv_dw.shape), tuple(self.id_tensor.shape),
+                origin.dtype, origin.device, origin.requires_grad)
+
+    def _batch_constants(self, batch: int) -> Tuple[Tensor, Tensor]:
+        """The fixed inputs of a batch of ``batch`` generators like this one: the
+        ``(batch * out, p, kk)`` patterns (average, prior, centre) and the identity added
+        to the ``1x1`` of the ``1x1 -> kxk`` branch, ``(batch * internal, in/groups, 1, 1)``."""
         k = self.gen_kernel_size
-        out, in_g = self.weight_orepa_origin.shape[:2]
-        names = ['avg', 'prior']
-        weights = [self.weight_orepa_avg_conv, self.weight_orepa_pfir_conv]
+        out = self.gen_out_channels
         prior = self.frequency_prior().reshape(out, k * k)
         patterns = [torch.full_like(prior[:1], 1.0 / (k * k)).expand(out, k * k), prior]
         if 'conv1x1' in self.branch_names:
-            names.append('conv1x1')
-            weights.append(self.weight_orepa_1x1)
             centre = torch.zeros_like(prior[:1])
             centre[0, (k * k) // 2] = 1
             patterns.append(centre.expand(out, k * k))
-        coef = torch.stack([w.reshape(out, in_g) for w in weights], dim=1)
         pattern = torch.stack(patterns, dim=1)
-        vector, index = self.vector, self.branch_names.index
-        v_coef = vector[[index(name) for name in names]]
-        conv1 = self.weight_orepa_1x1_kxk_idconv1 + self.id_tensor
-        with full_precision(vector.device.type):
-            return OREPAKernelFunction.apply(
-                self.weight_orepa_origin, vector[index('origin')], coef, v_coef, pattern,
-                self.weight_orepa_1x1_kxk_conv2, conv1.reshape(self.internal_channels, in_g),
-                vector[index('conv1x1_kxk')], self.weight_orepa_gconv_pw.reshape(out, -1),
-                self.weight_orepa_gconv_dw.reshape(self.weight_orepa_gconv_dw.shape[0], k * k),
-                vector[index('dw_pw')], self.gen_groups)
+        if batch == 1:
+            return pattern, self.id_tensor
+        return pattern.repeat(batch, 1, 1), self.id_tensor.repeat(batch, 1, 1, 1)
+
+    @staticmethod
+    def generate_batch(generators, constants: Optional[dict] = None) -> Tuple[Tensor, ...]:
+        """The kernels of generators with one :meth:`batch_key`, as one computation.
+
+        ``B`` generators with ``g`` groups each are exactly one generator with ``B * g``
+        groups whose parameters are theirs concatenated along the output channels: one
+        :class:`~mmreparam.models.layers.orepa_function.OREPABatchKernelFunction` node computes
+        all the kernels (and, backwards, all the gradients), and each kernel is a view of
+        its output. The branches that are a ``1x1`` weight times a fixed per-channel ``kxk``
+        pattern (average, prior, centre tap) enter it as one ``(out, p, in/groups)`` weight
+        tensor with their ``(p, out)`` scales.
+
+        Args:
+            generators (list): Modules with the same :meth:`batch_key`.
+            constants (dict, optional): A cache of the fixed inputs by batch key (kept by
+                the caller across steps); None computes them.
+
+        Returns:
+            tuple[Tensor]: One ``(out, in/groups, k, k)`` kernel per generator.
+        """
+        first, batch = generators[0], len(generators)
+        names, out = first.branch_names, first.gen_out_channels
+        if constants is None:
+            pattern, identity = first._batch_constants(batch)
+        else:
+            key = (batch, first.batch_key())
+            if key not in constants:  # normal tensors, even if first made in inference mode
+                with torch.no_grad(), torch.inference_mode(False):
+                    constants[key] = first._batch_constants(batch)
+            pattern, identity = constants[key]
+        coef_names = [('avg', 'weight_orepa_avg_conv'), ('prior', 'weight_orepa_pfir_conv')]
+        if 'conv1x1' in names:
+            coef_names.append(('conv1x1', 'weight_orepa_1x1'))
+        attrs = ['weight_orepa_origin', *(attr for _, attr in coef_names),
+                 'weight_orepa_1x1_kxk_idconv1', 'weight_orepa_1x1_kxk_conv2',
+                 'weight_orepa_gconv_dw', 'weight_orepa_gconv_pw', 'vector']
+        params = [getattr(g, attr) for attr in attrs for g in generators]
+        index = names.index
+        layout = fn.KxkBatchLayout(batch, first.gen_groups, len(coef_names), index('origin'),
+                                tuple(index(name) for name, _ in coef_names),
+                                index('conv1x1_kxk'), index('dw_pw'), fn.passes_for(params[0]))
+        with full_precision(params[0].device.type):
+            kernel = fn.OREPABatchKernelFunction.apply(layout, pattern, identity, *params)
+        return kernel.split(out)
 
 
 class GeneratedKernelBlock(ReparamBlock):
@@ -224,6 +277,7 @@ class OREPA1x1(GeneratedKernelBlock):
     Groups are not supported (as in the official block). See :class:`ReparamBlock`.
     """
     _supports_groups = False
+    _batched_kernel: Optional[Tensor] = None  # see OREPAGeneratorMixin
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
                  stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
@@ -256,15 +310,33 @@ class OREPA1x1(GeneratedKernelBlock):
         self.bn = build_bn(norm_cfg, out_channels)
 
     def generate_kernel(self) -> Tensor:
-        """The generated ``(out, in, 1, 1)`` kernel (differentiable)."""
-        out, in_ = self.weight_or1x1_origin.shape[:2]
-        v_origin, v_product = self.vector
-        with full_precision(v_origin.device.type):
-            kernel = OREPA1x1KernelFunction.apply(
-                self.weight_or1x1_origin.reshape(out, in_), v_origin,
-                self.weight_or1x1_l2i_conv2.reshape(out, -1),
-                self.weight_or1x1_l2i_conv1.reshape(-1, in_), v_product)
-        return kernel.reshape(out, in_, 1, 1)
+        """The generated ``(out, in, 1, 1)`` kernel (differentiable); inside
+        :func:`batched_kernel_generation`, the one generated there."""
+        if self._batched_kernel is not None:
+            return self._batched_kernel
+        return self.generate_batch([self])[0]
+
+    def batch_key(self) -> Optional[tuple]:
+        """Blocks with the same key generate their kernels as one batch; None once folded."""
+        origin = getattr(self, 'weight_or1x1_origin', None)
+        if origin is None:
+            return None
+        return ('orepa_1x1', tuple(origin.shape), tuple(self.weight_or1x1_l2i_conv2.shape),
+                tuple(self.weight_or1x1_l2i_conv1.shape), origin.dtype, origin.device,
+                origin.requires_grad)
+
+    @staticmethod
+    def generate_batch(blocks, constants: Optional[dict] = None) -> Tuple[Tensor, ...]:
+        """The kernels of blocks with one :meth:`batch_key` as one batched computation
+        (``constants`` is unused: this generator has no fixed inputs)."""
+        batch = len(blocks)
+        out, in_ = blocks[0].weight_or1x1_origin.shape[:2]
+        params = [getattr(b, attr) for attr in ('weight_or1x1_origin', 'weight_or1x1_l2i_conv2',
+                                                'weight_or1x1_l2i_conv1', 'vector')
+                  for b in blocks]
+        with full_precision(params[0].device.type):
+            kernel = fn.OREPA1x1BatchKernelFunction.apply(fn.passes_for(params[0]), *params)
+        return kernel.reshape(batch * out, in_, 1, 1).split(out)
 
 
 @MODELS.register_module()
@@ -323,3 +395,80 @@ class OREPAVGGBlock(RepVGGBlock):
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
             self.dilation, self.groups, self.norm_cfg, act_cfg=None,
             internal_channels_1x1_3x3=internal, with_conv1x1=False, kaiming_a=1.0)
+
+
+#: The modules whose kernels :func:`batched_kernel_generation` generates in batches.
+BATCHED_GENERATORS = (OREPAGeneratorMixin, OREPA1x1)
+
+
+def generator_batches(module: nn.Module) -> Dict[tuple, List[nn.Module]]:
+    """The OREPA generators in ``module`` (not folded, not inside a running batch), grouped
+    by :meth:`~OREPAGeneratorMixin.batch_key`: each group can be generated as one batch."""
+    batches: Dict[tuple, List[nn.Module]] = {}
+    for m in module.modules():
+        if isinstance(m, BATCHED_GENERATORS) and m._batched_kernel is None:
+            key = m.batch_key()
+            if key is not None:
+                batches.setdefault(key, []).append(m)
+    return batches
+
+
+def _checkpointed(module: nn.Module) -> bool:
+    return torch.is_grad_enabled() and any(getattr(m, 'with_cp', False)
+                                           for m in module.modules())
+
+
+_logged_reasons = set()
+
+
+@contextlib.contextmanager
+def batched_kernel_generation(module: nn.Module, constants: Optional[dict] = None,
+                              cpu: bool = False):
+    """Within the block, the OREPA generators in ``module`` use kernels generated in batches.
+
+    On entry, the kernels of all generators that share a shape are generated in one
+    computation (:meth:`OREPAGeneratorMixin.generate_batch`, :meth:`OREPA1x1.generate_batch`):
+    an OREPA-ResNet-50 has 53 generators in about 20 shapes, so a training step runs about
+    20 generator graphs (forward and backward) instead of 53. Values and gradients are
+    those of the per-layer generation; the parameters, their names and the checkpoints are
+    unchanged. On exit the kernels are dropped.
+
+    It applies on every device except the CPU, where the compiled per-layer passes
+    (``mmreparam._ext``) are as fast; and not to modules with ``with_cp`` while gradients
+    are recorded (their checkpointed recomputation generates the kernel again, per layer).
+    Where it does not apply, the generators work per layer as before (said once in the log).
+
+    Args:
+        module (nn.Module): The model part whose generators are batched (a backbone).
+        constants (dict, optional): A cache for the fixed inputs of the batches (patterns,
+            identities), kept by the caller across steps. Defaults to None (computed).
+        cpu (bool): Batch on the CPU too (for tests and benchmarks). Defaults to False.
+
+    Yields:
+        bool: Whether the kernels were generated in batches.
+    """
+    batches = generator_batches(module)
+    device = next(iter(batches.values()))[0].vector.device if batches else None
+    reason = None
+    if device is not None and device.type == 'cpu' and not cpu:
+        reason = 'on the CPU, per layer with the compiled passes'
+    elif batches and _checkpointed(module):
+        reason = ('per layer under with_cp (the checkpointed recomputation generates each '
+                  'kernel again)')
+    if not batches or reason is not None:
+        if reason is not None and reason not in _logged_reasons:
+            _logged_reasons.add(reason)
+            print_log(f'mmreparam: OREPA kernels are generated {reason}', logger='current')
+        yield False
+        return
+    assigned = []
+    try:
+        for generators in batches.values():
+            kernels = generators[0].generate_batch(generators, constants)
+            for generator, kernel in zip(generators, kernels):
+                generator._batched_kernel = kernel
+                assigned.append(generator)
+        yield True
+    finally:
+        for generator in assigned:
+            generator._batched_kernel = None

@@ -20,7 +20,7 @@ checks each pass of one against the other and the functions with
 ``torch.autograd.gradcheck`` in float64 on both.
 """
 import logging
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from mmengine.logging import print_log
@@ -187,6 +187,57 @@ def passes_for(tensor: Tensor):
     return CPUPasses
 
 
+def orepa_kernel(passes, origin: Tensor, v_origin: Tensor, coef: Tensor, v_coef: Tensor,
+                 pattern: Tensor, conv2: Tensor, conv1: Tensor, v_seq: Tensor, pw: Tensor,
+                 dw: Tensor, v_dwpw: Tensor, groups: int) -> Tensor:
+    """The kernel of :class:`OREPAKernelFunction` (no autograd), with the given passes."""
+    o, ig, kh, kw = origin.shape
+    kk, g = kh * kw, groups
+    og, mg = o // g, conv2.shape[1]
+    # seq_t[o] = conv2[o]^T @ conv1 (its group's): conv2 read transposed, conv1 shared.
+    seq_t = origin.new_empty(g, og, kk, ig)
+    conv2_g, conv1_g = conv2.reshape(g, og, mg, kk), conv1.reshape(g, mg, ig)
+    if g == 1:  # conv1 broadcast over the outputs without a copy
+        torch.bmm(conv2_g[0].transpose(1, 2), conv1_g[0].expand(og, mg, ig), out=seq_t[0])
+    else:  # one product for all groups (and all generators of a batch)
+        torch.matmul(conv2_g.transpose(2, 3), conv1_g[:, None], out=seq_t)
+    kernel = passes.combine(origin.reshape(o, ig, kk), v_origin, coef, v_coef, pattern,
+                            seq_t.reshape(o, kk, ig), v_seq, pw, dw, v_dwpw, g)
+    return kernel.reshape(o, ig, kh, kw)
+
+
+def orepa_kernel_grads(passes, needs, grad: Tensor, origin: Tensor, v_origin: Tensor,
+                       coef: Tensor, v_coef: Tensor, pattern: Tensor, conv2: Tensor,
+                       conv1: Tensor, v_seq: Tensor, pw: Tensor, dw: Tensor, v_dwpw: Tensor,
+                       groups: int) -> tuple:
+    """The gradients of :func:`orepa_kernel`'s 11 tensor inputs from the kernel's gradient
+    ``grad``; ``needs`` says which are wanted (the others are None)."""
+    g = groups
+    o, ig, kh, kw = origin.shape
+    kk, og, mg = kh * kw, o // g, conv2.shape[1]
+    grad = grad.reshape(o, ig, kk).contiguous()
+    (g_origin, g_v_origin, g_coef, g_v_coef, g_pw, g_dw, g_v_dwpw,
+     grad_t) = passes.grad_pass(grad, origin.reshape(o, ig, kk), v_origin, coef, v_coef,
+                                pattern, pw, dw, v_dwpw, g)
+    g_conv2 = g_conv1 = g_v_seq = None
+    conv2_3d = conv2.reshape(o, mg, kk)
+    if needs[5] or needs[7]:
+        # d/d conv2[o, m, t] (unscaled) = sum_i grad[o, i, t] conv1[m, i], as (o, kk, mg)
+        u = torch.bmm(grad_t.reshape(g, og * kk, ig),
+                      conv1.reshape(g, mg, ig).transpose(1, 2))
+        g_conv2, g_v_seq, conv2_ts = passes.seq_pass(u.reshape(o, kk, mg), conv2_3d, v_seq)
+        g_conv2 = g_conv2.reshape(conv2.shape)
+    elif needs[6]:
+        conv2_ts = passes.scaled_transpose(conv2_3d, v_seq)
+    if needs[6]:
+        # d/d conv1[m, i] = sum_{o, t} v_seq[o] conv2[o, m, t] grad[o, i, t]
+        g_conv1 = torch.bmm(conv2_ts.reshape(g, og * kk, mg).transpose(1, 2),
+                            grad_t.reshape(g, og * kk, ig)).reshape(conv1.shape)
+    grads = (g_origin.reshape(origin.shape), g_v_origin, g_coef, g_v_coef, None, g_conv2,
+             g_conv1, g_v_seq, g_pw, g_dw, g_v_dwpw)
+    return tuple(t if need else None for t, need in zip(grads, needs))
+
+
 class OREPAKernelFunction(torch.autograd.Function):
     """``K = v0*W + sum_q vq * (Cq (x) Pq) + v3 * (E (x) D) + v5 * (PW (x) DW)``: one generator.
 
@@ -206,7 +257,9 @@ class OREPAKernelFunction(torch.autograd.Function):
 
     Returns the ``(o, ig, k, k)`` kernel. The forward ``1x1 -> kxk`` product reads ``conv2``
     in place (a ``(kk, mg) @ (mg, ig)`` product per output channel); the backward products
-    are one GEMM per group each, on ``(og * kk, ...)`` operands.
+    are one GEMM per group each, on ``(og * kk, ...)`` operands. ``B`` generators of one
+    shape with ``g`` groups each are one generator with ``B * g`` groups whose tensors are
+    theirs concatenated along the outputs (:class:`OREPABatchKernelFunction`).
     """
 
     @staticmethod
@@ -215,89 +268,239 @@ class OREPAKernelFunction(torch.autograd.Function):
                 dw: Tensor, v_dwpw: Tensor, groups: int,
                 passes: Optional[type] = None) -> Tensor:
         passes = passes or passes_for(origin)
-        o, ig, kh, kw = origin.shape
-        kk, g = kh * kw, groups
-        og, mg = o // g, conv2.shape[1]
-        # seq_t[o] = conv2[o]^T @ conv1 (its group's): conv2 read transposed, conv1 shared.
-        seq_t = origin.new_empty(g, og, kk, ig)
-        conv2_g, conv1_g = conv2.reshape(g, og, mg, kk), conv1.reshape(g, mg, ig)
-        for gi in range(g):
-            torch.bmm(conv2_g[gi].transpose(1, 2), conv1_g[gi].expand(og, mg, ig),
-                      out=seq_t[gi])
-        kernel = passes.combine(origin.reshape(o, ig, kk), v_origin, coef, v_coef, pattern,
-                                seq_t.reshape(o, kk, ig), v_seq, pw, dw, v_dwpw, g)
+        tensors = (origin, v_origin, coef, v_coef, pattern, conv2, conv1, v_seq, pw, dw,
+                   v_dwpw)
         ctx.groups, ctx.passes = groups, passes
-        ctx.save_for_backward(origin, v_origin, coef, v_coef, pattern, conv2, conv1, v_seq, pw,
-                              dw, v_dwpw)
-        return kernel.reshape(o, ig, kh, kw)
+        ctx.save_for_backward(*tensors)
+        return orepa_kernel(passes, *tensors, groups)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        (origin, v_origin, coef, v_coef, pattern, conv2, conv1, v_seq, pw, dw,
-         v_dwpw) = ctx.saved_tensors
-        g, passes = ctx.groups, ctx.passes
-        o, ig, kh, kw = origin.shape
-        kk, og, mg = kh * kw, o // g, conv2.shape[1]
-        needs = ctx.needs_input_grad
-        grad = grad.reshape(o, ig, kk).contiguous()
-        (g_origin, g_v_origin, g_coef, g_v_coef, g_pw, g_dw, g_v_dwpw,
-         grad_t) = passes.grad_pass(grad, origin.reshape(o, ig, kk), v_origin, coef, v_coef,
-                                    pattern, pw, dw, v_dwpw, g)
-        g_conv2 = g_conv1 = g_v_seq = None
-        conv2_3d = conv2.reshape(o, mg, kk)
-        if needs[5] or needs[7]:
-            # d/d conv2[o, m, t] (unscaled) = sum_i grad[o, i, t] conv1[m, i], as (o, kk, mg)
-            u = torch.bmm(grad_t.reshape(g, og * kk, ig),
-                          conv1.reshape(g, mg, ig).transpose(1, 2))
-            g_conv2, g_v_seq, conv2_ts = passes.seq_pass(u.reshape(o, kk, mg), conv2_3d, v_seq)
-            g_conv2 = g_conv2.reshape(conv2.shape)
-        elif needs[6]:
-            conv2_ts = passes.scaled_transpose(conv2_3d, v_seq)
-        if needs[6]:
-            # d/d conv1[m, i] = sum_{o, t} v_seq[o] conv2[o, m, t] grad[o, i, t]
-            g_conv1 = torch.bmm(conv2_ts.reshape(g, og * kk, mg).transpose(1, 2),
-                                grad_t.reshape(g, og * kk, ig)).reshape(conv1.shape)
-        grads = (g_origin.reshape(origin.shape), g_v_origin, g_coef, g_v_coef, None, g_conv2,
-                 g_conv1, g_v_seq, g_pw, g_dw, g_v_dwpw)
-        return tuple(t if need else None for t, need in zip(grads, needs)) + (None, None)
+        return orepa_kernel_grads(ctx.passes, ctx.needs_input_grad, grad, *ctx.saved_tensors,
+                                  ctx.groups) + (None, None)
+
+
+def orepa_1x1_kernel(passes, origin: Tensor, v_origin: Tensor, conv2: Tensor, conv1: Tensor,
+                     v_product: Tensor) -> Tensor:
+    """The kernels of :class:`OREPA1x1KernelFunction` (no autograd)."""
+    b, o, i = origin.shape
+    kernel = passes.rows_axpby_(torch.bmm(conv2, conv1).reshape(b * o, i), v_product,
+                                origin.reshape(b * o, i), v_origin)
+    return kernel.reshape(b, o, i)
+
+
+def orepa_1x1_kernel_grads(passes, needs, grad: Tensor, origin: Tensor, v_origin: Tensor,
+                           conv2: Tensor, conv1: Tensor, v_product: Tensor) -> tuple:
+    """The gradients of :func:`orepa_1x1_kernel`'s 5 inputs (None where not ``needs``)."""
+    b, o, i = origin.shape
+    m = conv2.shape[2]
+    grad = grad.reshape(b, o, i).contiguous()
+    # d/d conv1 = (v1 * conv2)^T @ grad: scale the smaller operand; grad's scaled copy
+    # comes out of the same pass as origin's gradient.
+    scale_grad = needs[3] and conv2.numel() >= grad.numel()
+    g_origin, g_v_origin, grad_s = passes.row_scale_dot(
+        grad.reshape(b * o, i), v_origin, origin.reshape(b * o, i),
+        v2=v_product if scale_grad else None)
+    g_conv2 = g_conv1 = g_v_product = None
+    if needs[2] or needs[4]:
+        u = torch.bmm(grad, conv1.transpose(1, 2))  # d/d conv2, unscaled
+        g_conv2, g_v_product, _ = passes.row_scale_dot(
+            u.reshape(b * o, m), v_product, conv2.reshape(b * o, m), inplace=True)
+        g_conv2 = g_conv2.reshape(b, o, m)
+    if needs[3]:
+        g_conv1 = (torch.bmm(conv2.transpose(1, 2), grad_s.reshape(b, o, i)) if scale_grad
+                   else torch.bmm((conv2 * v_product.reshape(b, o, 1)).transpose(1, 2), grad))
+    grads = (g_origin.reshape(b, o, i), g_v_origin, g_conv2, g_conv1, g_v_product)
+    return tuple(t if need else None for t, need in zip(grads, needs))
 
 
 class OREPA1x1KernelFunction(torch.autograd.Function):
-    """``K = v0 * W + v1 * (C2 @ C1)``: the kernel of OREPA's ``1x1`` block, as one node.
+    """``K = v0 * W + v1 * (C2 @ C1)``: the kernels of a batch of OREPA ``1x1`` blocks, as
+    one node.
 
-    ``W`` is ``(o, i)``, ``C2`` ``(o, m)``, ``C1`` ``(m, i)``, ``v0`` and ``v1`` ``(o,)``;
-    ``passes`` as :class:`OREPAKernelFunction`. The per-row scales are applied to the
-    product's output and, in the backward pass, to whichever GEMM operand is smaller, so no
-    scaled copy of a weight is kept.
+    ``W`` is ``(b, o, i)``, ``C2`` ``(b, o, m)``, ``C1`` ``(b, m, i)``, ``v0`` and ``v1``
+    ``(b * o,)`` for ``b`` blocks (one block: ``b = 1``); ``passes`` as
+    :class:`OREPAKernelFunction`. Returns the ``(b, o, i)`` kernels. The per-row scales are
+    applied to the product's output and, in the backward pass, to whichever GEMM operand
+    is smaller, so no scaled copy of a weight is kept.
     """
 
     @staticmethod
     def forward(ctx, origin: Tensor, v_origin: Tensor, conv2: Tensor, conv1: Tensor,
                 v_product: Tensor, passes: Optional[type] = None) -> Tensor:
         passes = passes or passes_for(origin)
-        kernel = passes.rows_axpby_(torch.mm(conv2, conv1), v_product, origin, v_origin)
         ctx.passes = passes
         ctx.save_for_backward(origin, v_origin, conv2, conv1, v_product)
-        return kernel
+        return orepa_1x1_kernel(passes, origin, v_origin, conv2, conv1, v_product)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        origin, v_origin, conv2, conv1, v_product = ctx.saved_tensors
-        passes, needs = ctx.passes, ctx.needs_input_grad
-        grad = grad.contiguous()
-        # d/d conv1 = (v1 * conv2)^T @ grad: scale the smaller operand; grad's scaled copy
-        # comes out of the same pass as origin's gradient.
-        scale_grad = needs[3] and conv2.numel() >= grad.numel()
-        g_origin, g_v_origin, grad_s = passes.row_scale_dot(
-            grad, v_origin, origin, v2=v_product if scale_grad else None)
-        g_conv2 = g_conv1 = g_v_product = None
-        if needs[2] or needs[4]:
-            u = torch.mm(grad, conv1.t())  # d/d conv2, unscaled
-            g_conv2, g_v_product, _ = passes.row_scale_dot(u, v_product, conv2, inplace=True)
-        if needs[3]:
-            g_conv1 = (torch.mm(conv2.t(), grad_s) if scale_grad
-                       else torch.mm((conv2 * v_product[:, None]).t(), grad))
-        grads = (g_origin, g_v_origin, g_conv2, g_conv1, g_v_product)
-        return tuple(t if need else None for t, need in zip(grads, needs)) + (None, )
+        return orepa_1x1_kernel_grads(ctx.passes, ctx.needs_input_grad, grad,
+                                      *ctx.saved_tensors) + (None, )
+
+
+def _cat(tensors, dim: int = 0) -> Tensor:
+    """``torch.cat`` without a copy for one tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
+class KxkBatchLayout(NamedTuple):
+    """How :class:`OREPABatchKernelFunction` reads its inputs.
+
+    ``batch`` generators with ``groups`` groups each; ``coef`` weights per generator (the
+    ``1x1`` weights of the pattern branches); the rows of each generator's ``vector`` that
+    scale the ``origin``, pattern (``coef_rows``), ``1x1 -> kxk`` (``seq``) and depthwise
+    (``dwpw``) branches; ``passes`` as :class:`OREPAKernelFunction`.
+    """
+    batch: int
+    groups: int
+    coef: int
+    origin_row: int
+    coef_rows: Tuple[int, ...]
+    seq_row: int
+    dwpw_row: int
+    passes: type
+
+
+#: The kinds of parameter of one ``kxk`` generator, in the order the batch Function takes
+#: them (``coef`` stands for ``layout.coef`` kinds).
+KXK_KINDS = ('origin', 'coef', 'idconv1', 'conv2', 'dw', 'pw', 'vector')
+
+
+class OREPABatchKernelFunction(torch.autograd.Function):
+    """The kernels of ``B`` OREPA ``kxk`` generators of one shape, as one node.
+
+    The parameters come in as they are stored, kind by kind (``B`` origins, then ``B``
+    of each coef weight, ``B`` ``1x1`` offsets of the ``1x1 -> kxk`` branch, ``B``
+    ``conv2``, ``B`` depthwise, ``B`` pointwise weights, ``B`` vectors: see
+    :data:`KXK_KINDS`); they are concatenated along the outputs and generated as one
+    generator with ``B * groups`` groups (:func:`orepa_kernel`). The backward pass
+    computes the gradients of the concatenation in one go and gives each parameter a
+    contiguous slice of them, so autograd takes them as they are (no per-parameter copy,
+    no per-row gather of the branch scales).
+
+    Args (of ``apply``):
+        layout (KxkBatchLayout): The batch.
+        pattern (Tensor): ``(B * o, p, kk)`` fixed patterns of the coef branches.
+        identity (Tensor): ``(B * g * mg, ig, 1, 1)`` identity added to the offsets.
+        *params: The parameters, as above.
+
+    Returns:
+        Tensor: The ``(B * o, ig, k, k)`` kernels, generator after generator.
+    """
+
+    @staticmethod
+    def forward(ctx, layout: KxkBatchLayout, pattern: Tensor, identity: Tensor,
+                *params: Tensor) -> Tensor:
+        b, p = layout.batch, layout.coef
+        kinds = [params[i * b:(i + 1) * b] for i in range(len(params) // b)]
+        origins, coefs = kinds[0], kinds[1:1 + p]
+        idconv1, conv2, dw, pw, vectors = kinds[1 + p:]
+        o, ig, kh, kw = origins[0].shape
+        n = vectors[0].shape[0]
+        # (b * o, p, ig): generator-major outputs, then pattern, then inputs.
+        coef = torch.stack([c.reshape(o, ig) for q in range(p) for c in coefs[q]], dim=0)
+        coef = coef.reshape(p, b * o, ig).transpose(0, 1).contiguous()
+        rows = _cat([v[None] for v in vectors]).transpose(0, 1).reshape(n, b * o)
+        v_coef = torch.stack([rows[r] for r in layout.coef_rows])
+        tensors = (_cat(origins), rows[layout.origin_row], coef, v_coef, pattern,
+                   _cat(conv2), (_cat(idconv1) + identity).reshape(-1, ig),
+                   rows[layout.seq_row], _cat(pw).reshape(b * o, -1),
+                   _cat(dw).reshape(-1, kh * kw), rows[layout.dwpw_row])
+        ctx.layout = layout
+        ctx.save_for_backward(*tensors)
+        ctx.shapes = [t.shape for t in params]
+        return orepa_kernel(layout.passes, *tensors, b * layout.groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        layout = ctx.layout
+        b, p = layout.batch, layout.coef
+        saved = ctx.saved_tensors
+        origin = saved[0]
+        o, ig = origin.shape[0] // b, origin.shape[1]
+        needs = ctx.needs_input_grad[3:]
+        kind_needs = [any(needs[i * b:(i + 1) * b]) for i in range(len(needs) // b)]
+        need_vector = kind_needs[-1]
+        # Which of orepa_kernel's inputs need a gradient.
+        # kinds: origin, coef * p, idconv1, conv2, dw, pw, vector (KXK_KINDS)
+        need_idconv1, need_conv2, need_dw, need_pw = kind_needs[1 + p:5 + p]
+        core_needs = (kind_needs[0], need_vector, any(kind_needs[1:1 + p]), need_vector,
+                      False, need_conv2, need_idconv1, need_vector, need_pw, need_dw,
+                      need_vector)
+        (g_origin, g_v_origin, g_coef, g_v_coef, _, g_conv2, g_conv1, g_v_seq, g_pw, g_dw,
+         g_v_dwpw) = orepa_kernel_grads(layout.passes, core_needs, grad, *saved,
+                                        b * layout.groups)
+        per_kind = []
+        per_kind.append(g_origin.split(o) if g_origin is not None else None)
+        if g_coef is not None:  # (b * o, p, ig) -> (p, b, o, ig) contiguous
+            g_coef = g_coef.reshape(b, o, p, ig).permute(2, 0, 1, 3).contiguous()
+            per_kind += [g_coef[q] for q in range(p)]
+        else:
+            per_kind += [None] * p
+        per_kind.append(None if g_conv1 is None else g_conv1.reshape(b, -1))
+        per_kind.append(None if g_conv2 is None else g_conv2.reshape(b, -1))
+        per_kind.append(None if g_dw is None else g_dw.reshape(b, -1))
+        per_kind.append(None if g_pw is None else g_pw.reshape(b, -1))
+        if need_vector:
+            by_row = {layout.origin_row: g_v_origin, layout.seq_row: g_v_seq,
+                      layout.dwpw_row: g_v_dwpw}
+            by_row.update({r: g_v_coef[j] for j, r in enumerate(layout.coef_rows)})
+            n = ctx.shapes[-1][0]
+            per_kind.append(torch.stack([by_row[r].reshape(b, o) for r in range(n)], dim=1))
+        else:
+            per_kind.append(None)
+        grads = []
+        for kind, values in enumerate(per_kind):
+            for i in range(b):
+                shape = ctx.shapes[kind * b + i]
+                need = needs[kind * b + i]
+                grads.append(values[i].reshape(shape) if need and values is not None
+                             else None)
+        return (None, None, None, *grads)
+
+
+class OREPA1x1BatchKernelFunction(torch.autograd.Function):
+    """The kernels of ``B`` OREPA ``1x1`` blocks of one shape, as one node.
+
+    ``apply(passes, *params)``: ``B`` origins ``(o, i, 1, 1)``, ``B`` ``conv2``
+    ``(o, m, 1, 1)``, ``B`` ``conv1`` ``(m, i, 1, 1)`` and ``B`` vectors ``(2, o)``, as
+    stored; generated as :class:`OREPA1x1KernelFunction` on their concatenation, each
+    parameter's gradient a contiguous slice. Returns the ``(B, o, i)`` kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, passes: type, *params: Tensor) -> Tensor:
+        b = len(params) // 4
+        origins, conv2, conv1, vectors = (params[i * b:(i + 1) * b] for i in range(4))
+        o, i = origins[0].shape[:2]
+        rows = _cat([v[None] for v in vectors]).transpose(0, 1).reshape(2, b * o)
+        tensors = (_cat(origins).reshape(b, o, i), rows[0], _cat(conv2).reshape(b, o, -1),
+                   _cat(conv1).reshape(b, -1, i), rows[1])
+        ctx.passes, ctx.shapes = passes, [t.shape for t in params]
+        ctx.save_for_backward(*tensors)
+        return orepa_1x1_kernel(passes, *tensors)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        needs = ctx.needs_input_grad[1:]
+        b = len(needs) // 4
+        kind_needs = [any(needs[i * b:(i + 1) * b]) for i in range(4)]
+        core_needs = (kind_needs[0], kind_needs[3], kind_needs[1], kind_needs[2],
+                      kind_needs[3])
+        g_origin, g_v0, g_conv2, g_conv1, g_v1 = orepa_1x1_kernel_grads(
+            ctx.passes, core_needs, grad, *ctx.saved_tensors)
+        o = g_origin.shape[1] if g_origin is not None else ctx.shapes[0][0]
+        g_vector = (torch.stack([g_v0.reshape(b, o), g_v1.reshape(b, o)], dim=1)
+                    if kind_needs[3] else None)
+        grads = []
+        for kind, values in enumerate((g_origin, g_conv2, g_conv1, g_vector)):
+            for i in range(b):
+                need = needs[kind * b + i]
+                grads.append(values[i].reshape(ctx.shapes[kind * b + i])
+                             if need and values is not None else None)
+        return (None, *grads)

@@ -136,15 +136,17 @@ def test_second_order_gradients_are_refused_clearly():
 
 
 @pytest.mark.parametrize('passes', PASSES)
+@pytest.mark.parametrize('batch', [1, 3])
 @pytest.mark.parametrize('out, mid, in_', [(5, 3, 3), (3, 3, 5), (4, 2, 6), (2, 6, 3)])
-def test_1x1_gradcheck(out, mid, in_, passes):
+def test_1x1_gradcheck(out, mid, in_, batch, passes):
     gen = torch.Generator().manual_seed(2)
     tensors = [torch.randn(*shape, generator=gen, dtype=F64).requires_grad_()
-               for shape in ((out, in_), (out, ), (out, mid), (mid, in_), (out, ))]
+               for shape in ((batch, out, in_), (batch * out, ), (batch, out, mid),
+                             (batch, mid, in_), (batch * out, ))]
     assert torch.autograd.gradcheck(lambda *t: OREPA1x1KernelFunction.apply(*t, passes),
                                     tensors)
     w, v0, c2, c1, v1 = tensors
-    expected = w * v0[:, None] + (c2 * v1[:, None]) @ c1
+    expected = w * v0.reshape(batch, out, 1) + (c2 * v1.reshape(batch, out, 1)) @ c1
     torch.testing.assert_close(OREPA1x1KernelFunction.apply(*tensors, passes), expected,
                                rtol=1e-13, atol=1e-13)
 
