@@ -8,8 +8,14 @@ as median with spread (min-max); ratios are to the ``base`` ResNet-50 of the sam
   memory — on CPU each configuration runs in its own fresh subprocess and reports its peak
   resident memory growth over the interpreter with torch loaded; on a GPU
   ``torch.cuda.max_memory_allocated``;
-- ``kernel``: OREPA-ResNet-50 kernel generation alone (forward + backward), ours against a
-  literal transcription of the paper's branch equations (one einsum per branch);
+- ``ops``: the device work of one training step (forward + backward) of ResNet-50 with each
+  ``reparam``, counted deterministically: the ATen operators dispatched on ``meta`` tensors
+  (each is one kernel launch on a GPU; views not counted), and how many each block type
+  adds over ``base``;
+- ``kernel``: OREPA-ResNet-50 kernel generation alone (forward + backward): all 53
+  generators per layer and in batches of one shape (``batched_kernel_generation``), and its
+  16 OREPA 3x3 blocks against a literal transcription of the paper's branch equations (one
+  einsum per branch);
 - ``block``: one OREPA 3x3 block against ConvBN (256 channels, 56x56, batch 8);
 - ``infer``: inference latency of the train-time OREPA-R50, its fold, and mmdet's ResNet-50;
 - ``fold``: fold time and fold error (fp32, fp64) per backbone, and the fold time of a whole
@@ -26,6 +32,7 @@ and prints progress while it runs. Example::
     python tools/benchmark.py --only train --workloads small --repeats 3
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -40,7 +47,7 @@ import torch
 
 REPARAMS = ('base', 'ACB', 'DBB', 'OREPA', 'RepVGG')
 WORKLOADS = {'paper': (32, 224), 'small': (8, 160)}
-SECTIONS = ('train', 'kernel', 'block', 'infer', 'fold', 'det')
+SECTIONS = ('ops', 'train', 'kernel', 'block', 'infer', 'fold', 'det')
 
 
 def log(msg):
@@ -176,18 +183,52 @@ def bench_train(args):
     return rows
 
 
+def bench_ops(args):
+    """Operators dispatched by one ResNet-50 training step (forward + backward), on meta."""
+    from mmreparam.testing import count_device_ops
+    rows = {}
+    for reparam in args.reparams:
+        model = Classifier(resnet50(reparam)).to('meta').train()
+        x = torch.randn(2, 3, 64, 64, device='meta')
+
+        def step(model=model, x=x):
+            model.zero_grad(set_to_none=True)
+            model(x).sum().backward()
+
+        step()  # caches (generation constants) as in any later step
+        rows[reparam] = count_device_ops(step)
+        log(f'ops: {reparam}: {rows[reparam]["ops"]} operators, {rows[reparam]["views"]} views')
+    return rows
+
+
 def bench_kernel(args):
-    """OREPA-R50 kernel generation (all blocks), forward + backward: ours vs literal."""
+    """OREPA-R50 kernel generation, forward + backward: per layer vs batched (all 53
+    generators), and ours vs literal (the 16 OREPA 3x3 blocks)."""
     from mmreparam.models.layers import OREPA
+    from mmreparam.models.layers.orepa import BATCHED_GENERATORS, batched_kernel_generation
     from mmreparam.testing import literal_orepa_kernel, randomize_parameters
     model = resnet50('OREPA').to(args.device)
     randomize_parameters(model, ('vector', 'idconv1'), seed=0)
     blocks = [m for m in model.modules() if isinstance(m, OREPA)]
+    generators = [m for m in model.modules() if isinstance(m, BATCHED_GENERATORS)]
+    constants = {}
 
     def run(gen):
         total = sum(gen(b).square().sum() for b in blocks)
         total.backward()
 
+    def all_generators(batched):
+        model.zero_grad(set_to_none=True)
+        with batched_kernel_generation(model, constants, cpu=True) if batched else \
+                contextlib.nullcontext():
+            total = sum(g.generate_kernel().square().sum() for g in generators)
+        total.backward()
+
+    log(f'kernel generation: all {len(generators)} generators of OREPA-ResNet-50, per layer '
+        'and batched, interleaved')
+    gen_stats = interleaved(dict(per_layer=lambda: all_generators(False),
+                                 batched=lambda: all_generators(True)),
+                            args.repeats, args.warmup, args.device)
     log(f'kernel generation: {len(blocks)} OREPA 3x3 blocks of ResNet-50, ours vs the '
         'literal paper equations (one einsum per branch), interleaved')
     stats = interleaved(dict(ours=lambda: run(lambda b: b.generate_kernel()),
@@ -196,8 +237,15 @@ def bench_kernel(args):
     ours, literal = stats['ours'], stats['literal']
     with torch.no_grad():
         kernels = [(literal_orepa_kernel(b), b.generate_kernel()) for b in blocks]
+        per_layer = [g.generate_kernel() for g in generators]
+        with batched_kernel_generation(model, constants, cpu=True):
+            batched = [g.generate_kernel() for g in generators]
     err = max(((lit - k).abs().max() / k.abs().max()).item() for lit, k in kernels)
-    return dict(ours=ours, literal=literal, max_rel_difference=err)
+    batch_err = max(((a - b).abs().max() / a.abs().max()).item()
+                    for a, b in zip(per_layer, batched))
+    return dict(ours=ours, literal=literal, max_rel_difference=err, generators=len(generators),
+                per_layer=gen_stats['per_layer'], batched=gen_stats['batched'],
+                batched_max_rel_difference=batch_err)
 
 
 def bench_block(args):
@@ -330,8 +378,28 @@ def report(results, args, elapsed):
                              f'| {fmt_t(r)} | {t_ratio:.2f}x | '
                              f'{r["peak_memory"] / 2**30:.2f} | {m_ratio:.2f}x |')
         lines.append('')
+    if 'ops' in results:
+        o = results['ops']
+        base = o.get('base', {}).get('ops')
+        lines += ['## Device work of a ResNet-50 training step (forward + backward)', '',
+                  'ATen operators dispatched on `meta` tensors (batch 2 at 64x64; the count '
+                  'does not depend on the input size): one kernel launch each on a GPU. '
+                  'Deterministic.', '',
+                  '| reparam | operators | added over base | views |', '|---|---|---|---|']
+        for reparam, r in o.items():
+            added = r['ops'] - base if base is not None else float('nan')
+            lines.append(f'| {reparam} | {r["ops"]} | {added} | {r["views"]} |')
+        lines.append('')
     if 'kernel' in results:
         k = results['kernel']
+        lines += [f'## OREPA-R50 kernel generation of all its {k["generators"]} generators '
+                  '(forward + backward)', '',
+                  '| implementation | s | ratio |', '|---|---|---|',
+                  f'| per layer | {fmt_t(k["per_layer"])} | 1.00x |',
+                  f'| batched by shape | {fmt_t(k["batched"])} | '
+                  f'{k["batched"]["median"] / k["per_layer"]["median"]:.2f}x |', '',
+                  f'Max relative difference of the kernels: '
+                  f'{k["batched_max_rel_difference"]:.1e}.', '']
         lines += ['## OREPA-R50 kernel generation of its 16 OREPA 3x3 blocks '
                   '(forward + backward)', '',
                   '| implementation | s | ratio |', '|---|---|---|',
