@@ -1,4 +1,5 @@
 """What mmreparam's backbones share: stage freezing, norm_eval, pretrained init, deploy."""
+import contextlib
 from typing import List
 
 import torch.nn as nn
@@ -17,7 +18,15 @@ class ReparamBackbone(BaseModule):
     ``self.norm_eval`` and ``self.deploy``, list their stages (after the stem) in
     :meth:`stage_modules`, and override :meth:`forward_stem` when more than the stem runs
     before the first stage.
+
+    Attributes:
+        batched_generation (str | bool): How the OREPA generators of the backbone make
+            their kernels: ``'auto'`` (the default) in batches of one shape on every device
+            but the CPU (see :func:`~mmreparam.models.layers.batched_kernel_generation`),
+            ``True`` in batches everywhere, ``False`` per layer. Not a constructor argument
+            and not state: set it on a built model to compare the two.
     """
+    batched_generation = 'auto'
 
     def stage_modules(self) -> List[nn.Module]:
         """The stages after the stem, in order."""
@@ -27,14 +36,22 @@ class ReparamBackbone(BaseModule):
         """The part before the first stage (the stem, and its pooling if any)."""
         return self.stem(x)
 
+    def _generation(self):
+        if self.batched_generation not in ('auto', True, False):
+            raise ValueError(f"{type(self).__name__}.batched_generation must be 'auto', True "
+                             f'or False, got {self.batched_generation!r}')
+        if self.batched_generation is False:
+            return contextlib.nullcontext(False)
+        constants = self.__dict__.setdefault('_generation_constants', {})  # not state
+        return batched_kernel_generation(self, constants, cpu=self.batched_generation is True)
+
     def forward(self, x: Tensor) -> tuple:
         """Return the features of the stages in ``out_indices``.
 
         The kernels of the OREPA generators are generated in batches of one shape
         (:func:`~mmreparam.models.layers.batched_kernel_generation`) where that applies.
         """
-        constants = self.__dict__.setdefault('_generation_constants', {})  # not state
-        with batched_kernel_generation(self, constants):
+        with self._generation():
             x = self.forward_stem(x)
             outs = []
             for i, stage in enumerate(self.stage_modules()):

@@ -193,3 +193,94 @@ def test_orepa_adds_few_device_ops_over_base():
     base, orepa, dbb = step_ops('base'), step_ops('OREPA'), step_ops('DBB')
     assert orepa - base <= 600, (base, orepa)
     assert orepa - base < dbb - base, (orepa, dbb)
+
+
+def twin_backbones(**kwargs):
+    torch.manual_seed(0)
+    per_layer = ResNet(18, reparam='OREPA', base_channels=8, norm_eval=False, **kwargs)
+    randomize_parameters(per_layer, ('vector', 'idconv1', 'l2i_conv1', 'l2i_conv2'), seed=1)
+    per_layer.batched_generation = False
+    batched = copy.deepcopy(per_layer)
+    batched.batched_generation = True
+    return per_layer.train(), batched.train()
+
+
+def assert_same_grads(a, b, tol):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+            continue
+        assert (p.grad - q.grad).abs().max() <= tol * p.grad.abs().max().clamp_min(1e-30), name
+
+
+@pytest.fixture
+def batch_sizes(monkeypatch):
+    """The sizes of the batches generated (a spy on the kxk generators' batch function)."""
+    from mmreparam.models.layers import orepa
+    sizes = []
+    original = orepa.OREPAGeneratorMixin.generate_batch
+
+    def spy(generators, constants=None):
+        sizes.append(len(generators))
+        return original(generators, constants)
+
+    monkeypatch.setattr(orepa.OREPAGeneratorMixin, 'generate_batch', staticmethod(spy))
+    return sizes
+
+
+def test_batched_backbone_under_autocast_and_gradient_accumulation(batch_sizes):
+    per_layer, batched = twin_backbones()
+    x = torch.randn(2, 3, 32, 32)
+    for model in (per_layer, batched):
+        for _ in range(2):  # two micro-batches, one optimizer step
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                out = model(x)
+            assert out[0].dtype == torch.bfloat16
+            sum(o.float().square().mean() for o in out).backward()
+        assert (max(batch_sizes) > 1) == (model is batched)
+    assert_same_grads(per_layer, batched, 1e-3)
+
+
+def test_batched_backbone_with_cp_falls_back_and_stays_exact(batch_sizes):
+    per_layer, batched = twin_backbones(with_cp=True)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    for model in (per_layer, batched):
+        sum(o.square().mean() for o in model(x)).backward()
+    assert_same_grads(per_layer, batched, 1e-5)
+    assert max(batch_sizes) == 1  # per layer
+
+
+def test_batched_backbone_in_ema_and_ddp(batch_sizes):
+    import os
+
+    import torch.distributed as dist
+    from mmengine.model import ExponentialMovingAverage
+    from torch.nn.parallel import DistributedDataParallel
+
+    per_layer, batched = twin_backbones(frozen_stages=1)
+    ema = ExponentialMovingAverage(batched, momentum=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(per_layer.eval()(x), ema.module.eval()(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    per_layer.train()
+    os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
+    os.environ.setdefault('MASTER_PORT', str(29500 + os.getpid() % 1000))
+    dist.init_process_group('gloo', rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(batched, find_unused_parameters=False)
+        for _ in range(2):  # the second step fails if a parameter missed the reduction
+            for model in (per_layer, ddp):
+                model.zero_grad(set_to_none=True)
+                sum(o.square().mean() for o in model(x)).backward()
+        assert_same_grads(per_layer, batched, 1e-5)
+        assert max(batch_sizes) > 1
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batched_generation_value_is_checked():
+    model = ResNet(18, reparam='OREPA', base_channels=8)
+    model.batched_generation = 'yes'
+    with pytest.raises(ValueError, match="batched_generation must be 'auto', True or False"):
+        model(torch.randn(1, 3, 32, 32))
