@@ -12,6 +12,9 @@ as median with spread (min-max); ratios are to the ``base`` ResNet-50 of the sam
   ``reparam``, counted deterministically: the ATen operators dispatched on ``meta`` tensors
   (each is one kernel launch on a GPU; views not counted), and how many each block type
   adds over ``base``;
+- ``launches`` (CUDA only): the GPU kernels one training step of ResNet-50 (batch 8 at
+  160) launches, counted by ``torch.profiler``, for each ``reparam`` and for OREPA with its
+  generators per layer (``batched_generation=False``);
 - ``kernel``: OREPA-ResNet-50 kernel generation alone (forward + backward): all 53
   generators per layer and in batches of one shape (``batched_kernel_generation``), and its
   16 OREPA 3x3 blocks against a literal transcription of the paper's branch equations (one
@@ -47,7 +50,7 @@ import torch
 
 REPARAMS = ('base', 'ACB', 'DBB', 'OREPA', 'RepVGG')
 WORKLOADS = {'paper': (32, 224), 'small': (8, 160)}
-SECTIONS = ('ops', 'train', 'kernel', 'block', 'infer', 'fold', 'det')
+SECTIONS = ('ops', 'launches', 'train', 'kernel', 'block', 'infer', 'fold', 'det')
 
 
 def log(msg):
@@ -125,8 +128,9 @@ class Classifier(torch.nn.Module):
         return self.fc(self.backbone(x)[-1].mean((2, 3)))
 
 
-def train_step_child(reparam, batch, size, repeats, warmup, device):
-    """Run in a fresh subprocess: time and peak memory of one configuration."""
+def train_step_child(reparam, batch, size, repeats, warmup, device, amp=None):
+    """Run in a fresh subprocess: time and peak memory of one configuration (``amp``:
+    None, or ``'bf16'`` for the forward pass under bfloat16 autocast)."""
     torch.manual_seed(0)
     base_rss = rss_bytes()
     model = Classifier(resnet50(reparam)).to(device).train()
@@ -138,7 +142,9 @@ def train_step_child(reparam, batch, size, repeats, warmup, device):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp == 'bf16'):
+            logits = model(x)
+        torch.nn.functional.cross_entropy(logits.float(), y).backward()
         opt.step()
 
     stats = timed(step, repeats, warmup, device)
@@ -166,7 +172,7 @@ def bench_train(args):
                     f'(round {round_ + 1}/{args.rounds}, fresh subprocess)')
                 cmd = [sys.executable, __file__, '--child', json.dumps(dict(
                     reparam=reparam, batch=batch, size=size, repeats=args.repeats,
-                    warmup=args.warmup, device=args.device))]
+                    warmup=args.warmup, device=args.device, amp=args.amp))]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     raise RuntimeError(f'benchmark child failed:\n{out.stderr[-3000:]}')
@@ -187,8 +193,12 @@ def bench_ops(args):
     """Operators dispatched by one ResNet-50 training step (forward + backward), on meta."""
     from mmreparam.testing import count_device_ops
     rows = {}
-    for reparam in args.reparams:
+    variants = [(r, r, 'auto') for r in args.reparams]
+    if 'OREPA' in args.reparams:
+        variants.append(('OREPA, generators per layer', 'OREPA', False))
+    for name, reparam, batched in variants:
         model = Classifier(resnet50(reparam)).to('meta').train()
+        model.backbone.batched_generation = batched
         x = torch.randn(2, 3, 64, 64, device='meta')
 
         def step(model=model, x=x):
@@ -196,8 +206,40 @@ def bench_ops(args):
             model(x).sum().backward()
 
         step()  # caches (generation constants) as in any later step
-        rows[reparam] = count_device_ops(step)
-        log(f'ops: {reparam}: {rows[reparam]["ops"]} operators, {rows[reparam]["views"]} views')
+        rows[name] = count_device_ops(step)
+        log(f'ops: {name}: {rows[name]["ops"]} operators, {rows[name]["views"]} views')
+    return rows
+
+
+def bench_launches(args):
+    """GPU kernels launched by one ResNet-50 training step (CUDA only, torch.profiler)."""
+    if args.device != 'cuda':
+        log('launches: CUDA only (the ops section counts the same work on any machine)')
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+    rows = {}
+    variants = [(r, r, 'auto') for r in args.reparams]
+    variants.append(('OREPA, generators per layer', 'OREPA', False))
+    for name, reparam, batched in variants:
+        model = Classifier(resnet50(reparam)).to('cuda').train()
+        model.backbone.batched_generation = batched
+        x = torch.randn(8, 3, 160, 160, device='cuda')
+
+        def step(model=model, x=x):
+            model.zero_grad(set_to_none=True)
+            model(x).sum().backward()
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type.name == 'CUDA']
+        rows[name] = dict(kernels=len(kernels),
+                          gpu_ms=sum(e.device_time for e in kernels) / 1e3)
+        log(f'launches: {name}: {len(kernels)} GPU kernels, {rows[name]["gpu_ms"]:.1f} ms '
+            'of GPU time')
     return rows
 
 
@@ -290,17 +332,22 @@ def bench_fold(args):
         log(f'fold: {name}')
         torch.manual_seed(0)
         model = randomize_bn(randomize_parameters(make(), ('vector', 'idconv1'), seed=1))
-        model.eval()
+        model.to(args.device).eval()
         start = time.perf_counter()
         folded = mmreparam.fold(model)
+        sync(args.device)
         seconds = time.perf_counter() - start
-        x = torch.randn(2, 3, 96, 96)
+        x = torch.randn(2, 3, 96, 96, device=args.device)
         err32 = mmreparam.fold_error(model, folded, x)['max_rel']
         model64 = copy.deepcopy(model).double()
         err64 = mmreparam.fold_error(model64, mmreparam.fold(model64), x.double())['max_rel']
         rows[name] = dict(seconds=seconds, fp32=err32, fp64=err64)
+    try:
+        from mmdet.registry import MODELS
+    except ImportError:
+        log('fold: mmdet is not installed: no whole-detector fold time')
+        return rows
     log('fold: whole OREPA-R50 Mask R-CNN (mmdet)')
-    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     cfg = Config.fromfile(os.path.join(os.path.dirname(__file__), '..', 'configs', 'mmdet',
@@ -364,7 +411,8 @@ def report(results, args, elapsed):
              f'{" ".join(args.argv)}`.', '']
     if 'train' in results:
         rows = results['train']
-        lines += ['## Training step of ResNet-50 (forward + backward + SGD momentum)', '',
+        amp = ', forward under bfloat16 autocast' if args.amp == 'bf16' else ''
+        lines += [f'## Training step of ResNet-50 (forward + backward + SGD momentum{amp})', '',
                   '| workload | reparam | params | s / step | time vs base | '
                   'peak memory (GiB) | memory vs base |', '|---|---|---|---|---|---|---|']
         for workload in args.workloads:
@@ -389,6 +437,13 @@ def report(results, args, elapsed):
         for reparam, r in o.items():
             added = r['ops'] - base if base is not None else float('nan')
             lines.append(f'| {reparam} | {r["ops"]} | {added} | {r["views"]} |')
+        lines.append('')
+    if results.get('launches'):
+        lines += ['## GPU kernels of a ResNet-50 training step (forward + backward, batch 8 '
+                  'at 160, torch.profiler)', '',
+                  '| model | kernels | GPU time (ms) |', '|---|---|---|']
+        for name, r in results['launches'].items():
+            lines.append(f'| {name} | {r["kernels"]} | {r["gpu_ms"]:.1f} |')
         lines.append('')
     if 'kernel' in results:
         k = results['kernel']
@@ -488,6 +543,8 @@ def main():
     parser.add_argument('--infer-shape', type=int, nargs=2, default=(8, 224),
                         metavar=('BATCH', 'SIZE'))
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--amp', choices=('bf16', ), default=None,
+                        help='train section: run the forward pass under bfloat16 autocast')
     parser.add_argument('--child', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == 'cpu':
