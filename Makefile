@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-all demo bench clean-env
+.PHONY: env test test-all lint demo bench clean-env
 
 env:
 	@bash tools/bootstrap.sh
@@ -11,6 +11,10 @@ env:
 # The default suite (what CI runs): unit, property and small end-to-end tests.
 test: env
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The one linter and import sorter (ruff.toml); CI runs it before the tests.
+lint: env
+	.venv/bin/ruff check .
 
 # Everything, including the tests marked slow.
 test-all: env
