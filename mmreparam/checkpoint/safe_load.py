@@ -23,15 +23,9 @@ import numpy as np
 import torch
 from mmengine.logging.history_buffer import HistoryBuffer
 
+from ..errors import CheckpointError, UnsafeCheckpointError
+
 _HISTORY_BUFFER_METHODS = frozenset({'min', 'max', 'mean', 'current'})
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read: truncated, not a checkpoint, or unexpected content."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint's pickle asks for code outside the allow-list; it was not loaded."""
 
 
 def _restricted_getattr(obj: Any, name: str) -> Any:

@@ -7,6 +7,8 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ...errors import CheckpointError
+from ...utils import pretrained_init, without_pretrained
 from ..layers.base import fold_children
 from ..layers.orepa import batched_kernel_generation
 
@@ -80,15 +82,22 @@ class ReparamBackbone(BaseModule):
         return self
 
     def init_weights(self):
-        """Load ``init_cfg=dict(type='Pretrained', ...)`` through mmreparam's converter
-        (any supported checkpoint layout), or initialize as mmengine does."""
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            from ...checkpoint import load_pretrained  # the checkpoint layer builds on models
-            load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'))
-            self._is_init = True
+        """Initialize as mmengine does, but load a ``Pretrained`` init (alone or in a list
+        of inits, after the others) through mmreparam's converter (any supported layout)."""
+        pretrained = pretrained_init(self.init_cfg)
+        if pretrained is None:
+            super().init_weights()
             return
-        super().init_weights()
+        others, full = without_pretrained(self.init_cfg), self.init_cfg
+        if others is not None:
+            self.init_cfg = others
+            try:
+                super().init_weights()
+            finally:
+                self.init_cfg = full
+        from ...checkpoint import load_pretrained  # the checkpoint layer builds on models
+        load_pretrained(self, pretrained['checkpoint'], prefix=pretrained.get('prefix'))
+        self._is_init = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Refuse a checkpoint of the other form (train-time vs folded) with a clear error.
@@ -105,7 +114,6 @@ class ReparamBackbone(BaseModule):
         in_folded = any('.reparam_conv.' in k for k in incoming)
         foreign = [k for k in incoming if k[len(prefix):] not in own]
         if incoming and foreign and own_folded != in_folded:
-            from ...checkpoint import CheckpointError  # the checkpoint layer builds on models
             if own_folded:
                 raise CheckpointError(
                     f'{type(self).__name__} (prefix {prefix!r}) is folded (deploy=True) but '

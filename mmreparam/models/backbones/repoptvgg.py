@@ -32,8 +32,10 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from torch import Tensor
 
+from ...errors import CheckpointError
+from ...fileio import save_checkpoint_atomic
 from ...registry import MODELS
-from ...utils import ConfigType, OptConfigType
+from ...utils import ConfigType, OptConfigType, pretrained_init
 from ..layers import ConvBN, ReparamBlock, build_bn
 from ..layers.fuse import fuse_bn, identity_kernel, pad_kernel
 from .repvgg import RepVGG
@@ -345,7 +347,7 @@ class RepOptVGG(RepVGG):
         if scales is not None and not isinstance(scales, (str, os.PathLike, Mapping)):
             raise TypeError(f"scales must be 'const', a file or a dict, got "
                             f'{type(scales).__name__}')
-        pretrained = isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained'
+        pretrained = pretrained_init(init_cfg) is not None
         if pretrained and mode != 'target':
             raise ValueError(f"a Pretrained init is supported with mode='target' only (got "
                              f"mode={mode!r}); an HS model trains from scratch")
@@ -435,7 +437,7 @@ class RepOptVGG(RepVGG):
         from the scales (Rule of Initialization), an HS / CSLA model its scales."""
         first = not self._is_init
         super().init_weights()
-        pretrained = isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained'
+        pretrained = pretrained_init(self.init_cfg) is not None
         if not first or pretrained or self.deploy:
             return
         scales = self._resolve()
@@ -661,7 +663,7 @@ def load_scales(source: ScalesSource) -> Scales:
     """
     name = _describe(source)
     if isinstance(source, (str, os.PathLike)):
-        from ...checkpoint import CheckpointError, safe_load  # it imports the models layer
+        from ...checkpoint import safe_load  # it imports the models layer
         if not os.path.exists(source):
             raise FileNotFoundError(f'{name} does not exist')
         try:
@@ -688,7 +690,6 @@ def save_scales(scales: Scales, path: Union[str, os.PathLike],
         path (str | PathLike): Output file; a previous file is replaced only on success.
         meta (dict, optional): Extra plain-Python metadata (arch, source, ...).
     """
-    from ...fileio import save_checkpoint_atomic
     scales = _validate(scales, 'scales to save')
     save_checkpoint_atomic(dict(scales=scales, meta=dict(meta or {}, format=SCALES_FORMAT)),
                            os.fspath(path))
