@@ -8,6 +8,27 @@ ConfigType = Union[dict, ConfigDict]
 OptConfigType = Optional[ConfigType]
 
 
+def pretrained_init(init_cfg: Any) -> Optional[dict]:
+    """The ``dict(type='Pretrained', ...)`` of an mmengine ``init_cfg`` (a dict, or a list
+    of them, as mmengine accepts), else None."""
+    for cfg in init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]:
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            return cfg
+    return None
+
+
+def without_pretrained(init_cfg: Any) -> Any:
+    """``init_cfg`` without its ``Pretrained`` entry: None for a lone Pretrained dict, the
+    other entries of a list (None when none is left), anything else unchanged."""
+    found = pretrained_init(init_cfg)
+    if found is None:
+        return init_cfg
+    if isinstance(init_cfg, (list, tuple)):
+        rest = [c for c in init_cfg if c is not found]
+        return rest or None
+    return None
+
+
 def describe_error(err: BaseException) -> str:
     """``'Type: first line of the message'`` (or the type alone): an error in one line."""
     lines = str(err).strip().splitlines()
@@ -57,4 +78,5 @@ def parse_key_values(items, option: str = '--set') -> dict:
     return values
 
 
-__all__ = ['ConfigType', 'OptConfigType', 'describe_error', 'run_cli', 'parse_key_values']
+__all__ = ['ConfigType', 'OptConfigType', 'pretrained_init', 'without_pretrained',
+           'describe_error', 'run_cli', 'parse_key_values']

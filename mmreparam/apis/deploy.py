@@ -15,6 +15,7 @@ from mmengine.logging import print_log
 from mmengine.registry import MODELS as ROOT_MODELS
 
 from ..fileio import atomic_write, atomic_write_files, save_checkpoint_atomic
+from ..utils import pretrained_init, without_pretrained
 
 DEPLOY_CKPT = 'deploy.pth'
 DEPLOY_CONFIG = 'deploy_config.py'
@@ -49,9 +50,13 @@ def _set_deploy(node: Any, registry) -> int:
     if isinstance(node, dict):
         if 'type' in node and _accepts_deploy(node['type'], registry):
             node['deploy'] = True
-            init_cfg = node.get('init_cfg')
-            if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
-                node.pop('init_cfg')  # weights come from the deploy checkpoint
+            if pretrained_init(node.get('init_cfg')) is not None:
+                # the weights come from the deploy checkpoint; other inits are kept
+                init_cfg = without_pretrained(node['init_cfg'])
+                if init_cfg is None:
+                    node.pop('init_cfg')
+                else:
+                    node['init_cfg'] = init_cfg
             node.pop('pretrained', None)
             count += 1
         for value in node.values():

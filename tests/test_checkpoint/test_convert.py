@@ -867,3 +867,19 @@ def test_convert_tool_refuses_bad_input(orepa_r50, tmp_path, capsys):
         errors = capsys.readouterr().err.strip().splitlines()
         assert len(errors) == 1 and errors[0].startswith('error:') and message in errors[0]
         assert not dst.exists()
+
+
+def test_pretrained_inside_an_init_cfg_list_is_converted(tmp_path):
+    """mmengine accepts a list of inits; its Pretrained entry goes through the converter
+    (a DBB checkpoint into an OREPA model), after the other entries."""
+    source = own_model('DBB', 9).eval()
+    x = image(9)
+    reference = run(source, x)
+    torch.save({'state_dict': source.state_dict()}, tmp_path / 'dbb.pth')
+    init_cfg = [dict(type='Constant', val=0.0, layer='Linear'),
+                dict(type='Pretrained', checkpoint=str(tmp_path / 'dbb.pth'))]
+    with float64_default():
+        model = ResNet(reparam='OREPA', init_cfg=init_cfg, **R50)
+    model.init_weights()
+    check('mmreparam DBB train -> OREPA (init_cfg list)', run(model.eval(), x), reference)
+    assert model.init_cfg == init_cfg  # restored after the other inits ran

@@ -442,3 +442,14 @@ def test_fold_for_test_when_the_fold_fails_tests_the_train_time_model(image_fold
 def test_max_rel_error_must_be_positive():
     with pytest.raises(ValueError, match='max_rel_error must be positive'):
         mmreparam.FoldHook(max_rel_error=0)
+
+
+def test_deploy_config_drops_a_pretrained_init_from_a_list():
+    cfg = Config(dict(default_scope='mmdet', model=dict(
+        type='FasterRCNN', backbone=dict(type='mmreparam.ResNet', depth=18, init_cfg=[
+            dict(type='Kaiming', layer='Conv2d'),
+            dict(type='Pretrained', checkpoint='in1k.pth')]))))
+    out = deploy_config(cfg)
+    assert out.model.backbone.init_cfg == [dict(type='Kaiming', layer='Conv2d')]
+    cfg.model.backbone.init_cfg = [dict(type='Pretrained', checkpoint='in1k.pth')]
+    assert 'init_cfg' not in deploy_config(cfg).model.backbone

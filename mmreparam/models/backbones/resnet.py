@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import MODELS
-from ...utils import ConfigType, OptConfigType
+from ...utils import ConfigType, OptConfigType, pretrained_init
 from ..layers.factory import ConvNorm, build_reparam_conv, check_reparam
 from .base import ReparamBackbone
 
@@ -127,8 +127,7 @@ class ResidualBackbone(ReparamBackbone):
         """Initialize (or load a ``Pretrained`` checkpoint of any supported layout); with
         ``zero_init_residual`` and no checkpoint, zero the BN scales ending each unit."""
         super().init_weights()
-        pretrained = isinstance(self.init_cfg, dict) and \
-            self.init_cfg.get('type') == 'Pretrained'
+        pretrained = pretrained_init(self.init_cfg) is not None
         if self.zero_init_residual and not pretrained:
             for unit in self.modules():
                 if isinstance(unit, _ResUnit):
