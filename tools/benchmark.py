@@ -189,22 +189,29 @@ def bench_train(args):
     return rows
 
 
-def bench_ops(args):
-    """Operators dispatched by one ResNet-50 training step (forward + backward), on meta."""
-    from mmreparam.testing import count_device_ops
-    rows = {}
+def training_steps(args, device, batch, size):
+    """``(name, model, step)`` for each ``reparam`` (and OREPA with its generators per
+    layer): one forward + backward of a ResNet-50 classifier on ``device``."""
     variants = [(r, r, 'auto') for r in args.reparams]
     if 'OREPA' in args.reparams:
         variants.append(('OREPA, generators per layer', 'OREPA', False))
     for name, reparam, batched in variants:
-        model = Classifier(resnet50(reparam)).to('meta').train()
+        model = Classifier(resnet50(reparam)).to(device).train()
         model.backbone.batched_generation = batched
-        x = torch.randn(2, 3, 64, 64, device='meta')
+        x = torch.randn(batch, 3, size, size, device=device)
 
         def step(model=model, x=x):
             model.zero_grad(set_to_none=True)
             model(x).sum().backward()
 
+        yield name, model, step
+
+
+def bench_ops(args):
+    """Operators dispatched by one ResNet-50 training step (forward + backward), on meta."""
+    from mmreparam.testing import count_device_ops
+    rows = {}
+    for name, model, step in training_steps(args, 'meta', 2, 64):
         step()  # caches (generation constants) as in any later step
         rows[name] = count_device_ops(step)
         rows[name]['saved_bytes'] = saved_for_backward(model, torch.randn(32, 3, 224, 224,
@@ -240,17 +247,7 @@ def bench_launches(args):
         return {}
     from torch.profiler import ProfilerActivity, profile
     rows = {}
-    variants = [(r, r, 'auto') for r in args.reparams]
-    variants.append(('OREPA, generators per layer', 'OREPA', False))
-    for name, reparam, batched in variants:
-        model = Classifier(resnet50(reparam)).to('cuda').train()
-        model.backbone.batched_generation = batched
-        x = torch.randn(8, 3, 160, 160, device='cuda')
-
-        def step(model=model, x=x):
-            model.zero_grad(set_to_none=True)
-            model(x).sum().backward()
-
+    for name, _, step in training_steps(args, 'cuda', 8, 160):
         for _ in range(3):
             step()
         torch.cuda.synchronize()

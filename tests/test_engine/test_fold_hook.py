@@ -403,15 +403,21 @@ def test_a_failing_every_checkpoint_export_does_not_stop_the_checkpoint(
     assert deploy_files(tmp_path) == ['deploy.pth', 'deploy_config.py', 'deploy_iter_4.pth']
 
 
-def test_fold_for_test_with_a_wrong_fold_tests_the_folded_model(image_folder, tmp_path,
-                                                                 foreign_neck):
+def fold_for_test_runner(image_folder, tmp_path, neck, on_deploy):
+    """A Runner with FoldHook(fold_for_test=True) and a foreign neck; its log records."""
     cfg = classifier_cfg(image_folder, tmp_path, max_iters=2, hooks=[
         dict(type='mmreparam.FoldHook', fold_for_test=True)])
-    cfg.model.neck = dict(type=foreign_neck, on_deploy='scale')
+    cfg.model.neck = dict(type=neck, on_deploy=on_deploy)
     runner = Runner.from_cfg(cfg)
-    hook = [h for h in runner.hooks if isinstance(h, mmreparam.FoldHook)][0]
     records = _Records()
     runner.logger.addHandler(records)
+    return runner, records
+
+
+def test_fold_for_test_with_a_wrong_fold_tests_the_folded_model(image_folder, tmp_path,
+                                                                 foreign_neck):
+    runner, records = fold_for_test_runner(image_folder, tmp_path, foreign_neck, 'scale')
+    hook = [h for h in runner.hooks if isinstance(h, mmreparam.FoldHook)][0]
     tested = []
     runner.test_loop.run_iter = lambda idx, batch, run=runner.test_loop.run_iter: (
         tested.append(runner.model), run(idx, batch))[1]
@@ -426,13 +432,8 @@ def test_fold_for_test_with_a_wrong_fold_tests_the_folded_model(image_folder, tm
 
 def test_fold_for_test_when_the_fold_fails_tests_the_train_time_model(image_folder, tmp_path,
                                                                      foreign_neck):
-    cfg = classifier_cfg(image_folder, tmp_path, max_iters=2, hooks=[
-        dict(type='mmreparam.FoldHook', fold_for_test=True)])
-    cfg.model.neck = dict(type=foreign_neck, on_deploy='raise')
-    runner = Runner.from_cfg(cfg)
+    runner, records = fold_for_test_runner(image_folder, tmp_path, foreign_neck, 'raise')
     model = runner.model
-    records = _Records()
-    runner.logger.addHandler(records)
     metrics = runner.test()
     assert 'accuracy/top1' in metrics and runner.model is model
     errors = records.lines(logging.ERROR)

@@ -169,6 +169,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def dist_train(cfg, work):
+    """``tools/dist_train.sh CONFIG 2`` on CPU; returns the process, its log and its env."""
+    env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable, PYTHONUNBUFFERED='1')
+    proc = subprocess.run(['bash', str(ROOT / 'tools' / 'dist_train.sh'), str(cfg), '2',
+                           '--work-dir', str(work)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+    return proc, proc.stdout + proc.stderr, env
+
+
 def test_two_process_cpu_training_with_syncbn(tmp_path, data):
     """tools/dist_train.sh CONFIG 2 on CPU: an OREPA-R50 detector with mmreparam.SyncBN over
     two gloo processes; FoldHook writes once (rank 0); the fold computes the trained model."""
@@ -183,11 +192,7 @@ train_cfg.update(max_iters=2, val_interval=2)
 default_hooks['checkpoint']['interval'] = 2
 ''')
     work = tmp_path / 'work'
-    env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable, PYTHONUNBUFFERED='1')
-    proc = subprocess.run(['bash', str(ROOT / 'tools' / 'dist_train.sh'), str(cfg), '2',
-                           '--work-dir', str(work)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
-    log = proc.stdout + proc.stderr
+    proc, log, env = dist_train(cfg, work)
     assert proc.returncode == 0, log[-6000:]
     assert 'rank 0 of 2 runs on CPU with gloo' in log and 'Distributed training: True' in log
     assert log.count('FoldHook: fold error on a validation batch') == 1  # rank 0 only
@@ -266,11 +271,7 @@ train_cfg.update(max_iters=2, val_interval=2)
 custom_hooks = [dict(type='mmreparam.FoldHook', out_dir='{blocker / "deploy"}')]
 ''')
     work = tmp_path / 'work'
-    env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable, PYTHONUNBUFFERED='1')
-    proc = subprocess.run(['bash', str(ROOT / 'tools' / 'dist_train.sh'), str(cfg), '2',
-                           '--work-dir', str(work)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
-    log = proc.stdout + proc.stderr
+    proc, log, env = dist_train(cfg, work)
     assert proc.returncode == 0, log[-6000:]
     assert 'Distributed training: True' in log
     assert log.count('FoldHook: export failed while writing deploy.pth') == 1, log[-4000:]
