@@ -61,16 +61,73 @@ def safe_globals() -> list:
             (_codecs.encode, '_codecs.encode'), *_numpy_globals()]
 
 
-def register_safe_globals() -> None:
-    """Allow mmengine's own checkpoints through ``torch.load(weights_only=True)``.
-
-    Idempotent; called when mmreparam is imported.
-    """
+def _quiet_safe_globals() -> list:
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', DeprecationWarning)
-        entries = safe_globals()
-    torch.serialization.add_safe_globals(entries)
+        return safe_globals()
+
+
+def register_safe_globals() -> None:
+    """Allow mmengine's own checkpoints through ``torch.load(weights_only=True)``.
+
+    Idempotent; called when mmreparam is imported. A no-op before torch 2.4, which has no
+    allow-list to extend (and whose ``torch.load`` does not default to ``weights_only``).
+    """
+    if hasattr(torch.serialization, 'add_safe_globals'):
+        torch.serialization.add_safe_globals(_quiet_safe_globals())
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """An unpickler that builds only allow-listed globals: torch's own ``weights_only``
+    list plus :func:`safe_globals`. For torch < 2.4, whose ``weights_only`` unpickler
+    cannot be extended."""
+
+    allowed: dict = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        import _compat_pickle  # protocol-2 pickles name builtins '__builtin__'
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = self.allowed.get(f'{module}.{name}')
+        if found is None:
+            raise pickle.UnpicklingError(f'Unsupported global: GLOBAL {module}.{name} is not '
+                                         'on the allow-list')
+        return found
+
+
+def _allow_list_pickle_module():
+    """A ``pickle_module`` for ``torch.load`` whose unpickler is :class:`_AllowListUnpickler`."""
+    from torch import _weights_only_unpickler
+    allowed = dict(_weights_only_unpickler._get_allowed_globals())
+    for entry in _quiet_safe_globals():
+        obj, key = entry if isinstance(entry, tuple) else (
+            entry, f'{entry.__module__}.{entry.__qualname__}')
+        allowed[key] = obj
+
+    class Unpickler(_AllowListUnpickler):
+        pass
+
+    Unpickler.allowed = allowed
+
+    class Module:
+        __name__ = 'mmreparam_allow_list_pickle'
+        Unpickler = None
+
+        @staticmethod
+        def load(file, **kwargs):
+            return Module.Unpickler(file, **kwargs).load()
+
+    Module.Unpickler = Unpickler
+    return Module
+
+
+def _torch_load(source):
+    if hasattr(torch.serialization, 'add_safe_globals'):
+        register_safe_globals()
+        return torch.load(source, map_location='cpu', weights_only=True)
+    return torch.load(source, map_location='cpu', pickle_module=_allow_list_pickle_module())
 
 
 def _describe(source: Union[str, os.PathLike, io.IOBase]) -> str:
@@ -78,7 +135,8 @@ def _describe(source: Union[str, os.PathLike, io.IOBase]) -> str:
 
 
 def safe_load(source: Union[str, os.PathLike, io.IOBase]) -> Any:
-    """Load a checkpoint on the CPU with the ``weights_only`` unpickler.
+    """Load a checkpoint on the CPU with the ``weights_only`` unpickler (before torch 2.4:
+    an unpickler with the same allow-list).
 
     Args:
         source (str | PathLike | file): The checkpoint.
@@ -99,9 +157,8 @@ def safe_load(source: Union[str, os.PathLike, io.IOBase]) -> Any:
             raise CheckpointError(f'checkpoint {name} is a directory, not a file')
         if os.path.getsize(source) == 0:
             raise CheckpointError(f'checkpoint {name} is empty')
-    register_safe_globals()
     try:
-        return torch.load(source, map_location='cpu', weights_only=True)
+        return _torch_load(source)
     except pickle.UnpicklingError as err:
         text = str(err)
         for marker in ('Unsupported global', 'unrecognized function', 'Can only',

@@ -5,7 +5,9 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,9 +79,13 @@ def test_mmengine_checkpoint_reloads_and_resumes(tmp_path, written_with_mmrepara
 
     load = 'import sys, torch\n{imp}\nckpt = torch.load(sys.argv[1])\n' \
            'print(type(ckpt["message_hub"]["log_scalars"]["train/loss"]).__name__)'
-    # Without mmreparam, torch >= 2.6 refuses mmengine's own checkpoint (the bug) ...
+    # Without mmreparam, torch >= 2.6 refuses mmengine's own checkpoint (the bug; before
+    # 2.6 torch.load does not default to weights_only and loads it) ...
     plain = run(load.format(imp=''), tmp_path, ckpt)
-    assert plain.returncode != 0 and 'HistoryBuffer' in plain.stderr
+    if TORCH_DEFAULTS_TO_WEIGHTS_ONLY:
+        assert plain.returncode != 0 and 'HistoryBuffer' in plain.stderr
+    else:
+        assert plain.returncode == 0, plain.stderr[-3000:]
     # ... with mmreparam imported it loads, weights_only still on.
     fixed = run(load.format(imp='import mmreparam'), tmp_path, ckpt)
     assert fixed.returncode == 0, fixed.stderr[-3000:]
@@ -107,7 +113,22 @@ class _GetattrPayload:
         return getattr, (HistoryBuffer, '__init__')
 
 
-def test_code_running_pickles_are_refused(tmp_path):
+TORCH_DEFAULTS_TO_WEIGHTS_ONLY = tuple(map(int, torch.__version__.split('.')[:2])) >= (2, 6)
+
+
+@pytest.fixture(params=['weights_only', 'allow_list_unpickler'])
+def loader(request, monkeypatch):
+    """safe_load as on this torch, and as before torch 2.4 (no add_safe_globals: its own
+    allow-list unpickler), so both paths are checked on any torch."""
+    if request.param == 'weights_only':
+        if not hasattr(torch.serialization, 'add_safe_globals'):
+            pytest.skip('torch < 2.4 has no weights_only allow-list to extend')
+    else:
+        monkeypatch.delattr(torch.serialization, 'add_safe_globals', raising=False)
+    return request.param
+
+
+def test_code_running_pickles_are_refused(tmp_path, loader):
     import mmreparam  # noqa: F401  (installs the allow-list)
     from mmreparam.checkpoint import UnsafeCheckpointError, safe_load
     marker = tmp_path / 'pwned'
@@ -115,10 +136,11 @@ def test_code_running_pickles_are_refused(tmp_path):
     torch.save({'state_dict': {}, 'x': _SystemPayload(marker)}, evil)
     with pytest.raises(UnsafeCheckpointError, match='not allowed'):
         safe_load(evil)
-    # mmengine's own loads (torch's default weights_only=True) refuse it too.
-    from mmengine.runner import CheckpointLoader
-    with pytest.raises(pickle.UnpicklingError):
-        CheckpointLoader.load_checkpoint(str(evil), map_location='cpu')
+    if TORCH_DEFAULTS_TO_WEIGHTS_ONLY:
+        # mmengine's own loads (torch's default weights_only=True) refuse it too.
+        from mmengine.runner import CheckpointLoader
+        with pytest.raises(pickle.UnpicklingError):
+            CheckpointLoader.load_checkpoint(str(evil), map_location='cpu')
     assert not marker.exists()
 
     sneaky = tmp_path / 'getattr.pth'
@@ -127,7 +149,24 @@ def test_code_running_pickles_are_refused(tmp_path):
         safe_load(sneaky)
 
 
-def test_broken_files_get_one_clear_error(tmp_path):
+def test_mmengine_state_loads_through_either_path(tmp_path, loader):
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    from mmreparam.checkpoint import safe_load
+    history = HistoryBuffer()
+    for value in (1.0, 3.0):
+        history.update(value)
+    path = tmp_path / 'ckpt.pth'
+    torch.save({'state_dict': OrderedDict(w=torch.ones(2)), 'meta': {'seed': np.int64(3)},
+                'message_hub': {'log_scalars': {'loss': history}},
+                'array': np.arange(3, dtype=np.float32)}, path)
+    ckpt = safe_load(path)
+    assert torch.equal(ckpt['state_dict']['w'], torch.ones(2))
+    assert ckpt['message_hub']['log_scalars']['loss'].mean() == 2.0
+    assert ckpt['meta']['seed'] == 3 and ckpt['array'].tolist() == [0, 1, 2]
+
+
+def test_broken_files_get_one_clear_error(tmp_path, loader):
     from mmreparam.checkpoint import CheckpointError, safe_load
     good = tmp_path / 'good.pth'
     torch.save({'state_dict': {'w': torch.ones(100, 100)}}, good)

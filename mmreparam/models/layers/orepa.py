@@ -33,7 +33,8 @@ OREPA_VECTOR_INIT = dict(origin=0.25, avg=0.25, prior=0.0, conv1x1_kxk=0.5, conv
 def full_precision(device_type: str):
     """A context that turns autocast off on ``device_type`` (kernels are generated in the
     parameters' precision); a no-op where autocast does not exist (e.g. ``meta``)."""
-    if torch.amp.is_autocast_available(device_type):
+    available = getattr(torch.amp, 'is_autocast_available', None)  # torch >= 2.4
+    if available(device_type) if available else device_type in ('cpu', 'cuda'):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
