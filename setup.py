@@ -1,4 +1,6 @@
-"""Install mmreparam: ``pip install -e .`` (the pinned stack: ``bash tools/bootstrap.sh``).
+"""Install mmreparam: ``pip install --no-build-isolation .`` into an environment with torch,
+mmengine and mmcv (e.g. ``pip install --no-build-isolation '.[mmdet]'``); the pinned stack of
+the tests: ``bash tools/bootstrap.sh``.
 
 The C++ extension ``mmreparam._ext`` (fused CPU passes of OREPA's kernel generators) is
 built against the installed torch, so install without build isolation
@@ -55,9 +57,16 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.9',
     packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'tools')),
-    # mmcv is not on this list: it has no wheels on PyPI and is built by tools/bootstrap.sh.
-    install_requires=read_requirements('runtime'),
-    extras_require={'tests': read_requirements('tests')},
+    # Ranges (requirements/install.txt); the pinned, tested stacks are runtime.txt and
+    # compat.txt (tools/bootstrap.sh). mmcv is not listed: see install.txt.
+    install_requires=read_requirements('install'),
+    extras_require={
+        'mmdet': ['mmdet>=3.0.0'],
+        'mmseg': ['mmsegmentation>=1.0.0', 'ftfy', 'regex'],  # mmseg imports both undeclared
+        'mmpretrain': ['mmpretrain>=1.0.0'],
+        'deploy': read_requirements('deploy'),
+        'tests': read_requirements('tests'),
+    },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     zip_safe=False,

@@ -4,8 +4,16 @@ Importing the package registers its modules in the ``mmreparam`` registry scope 
 mmengine's own checkpoints reload under ``torch.load(weights_only=True)`` (see
 :mod:`mmreparam.checkpoint.safe_load`).
 """
-from .checkpoint import register_safe_globals
-from .version import __version__
+try:
+    import mmcv.cnn  # noqa: F401  (the blocks build their layers with it)
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        'mmreparam needs mmcv >= 2.0 (mmcv.cnn), which pip does not install for it: install '
+        'the mmcv wheel for your torch as OpenMMLab describes (e.g. `mim install mmcv`), or '
+        f'mmcv-lite ({err})') from err
+
+from .checkpoint import register_safe_globals  # noqa: E402
+from .version import __version__  # noqa: E402
 
 register_safe_globals()
 
