@@ -99,6 +99,10 @@ class Bottleneck(_ResUnit):
         stride1, stride2 = (1, stride) if style == 'pytorch' else (stride, 1)
         self.conv1 = build_reparam_conv(reparam, inplanes, width, 1, stride1,
                                         norm_cfg=norm_cfg, act_cfg=RELU, deploy=deploy)
+        if dcn is not None:  # as mmdet: fallback_on_stride=True keeps a plain 3x3 here
+            dcn = dict(dcn)
+            if dcn.pop('fallback_on_stride', False):
+                dcn = None
         if dcn is not None:
             self.conv2 = ConvNorm(dcn, width, width, 3, stride2, dilation, groups,
                                   norm_cfg=norm_cfg, act_cfg=RELU)
@@ -128,7 +132,7 @@ class ResidualBackbone(ReparamBackbone):
         ``zero_init_residual`` and no checkpoint, zero the BN scales ending each unit."""
         super().init_weights()
         pretrained = pretrained_init(self.init_cfg) is not None
-        if self.zero_init_residual and not pretrained:
+        if self.zero_init_residual and not pretrained and getattr(self, '_default_init', True):
             for unit in self.modules():
                 if isinstance(unit, _ResUnit):
                     for m in unit.last_conv.modules():
@@ -178,11 +182,13 @@ class ResNet(ResidualBackbone):
         norm_cfg (dict): Any BatchNorm (BN, SyncBN). Defaults to ``dict(type='BN')``.
         norm_eval (bool): Keep BNs in eval mode while training. Defaults to True.
         dcn (dict, optional): Deformable conv config for the 3x3 of the chosen stages
-            (these stay plain conv + BN). Defaults to None.
+            (these stay plain conv + BN), in mmdet's form: ``fallback_on_stride=True``
+            keeps the re-param 3x3 there, as mmdet keeps its plain one. Defaults to None.
         stage_with_dcn (Sequence[bool]): Stages using ``dcn``.
         with_cp (bool): Gradient checkpointing of each unit. Defaults to False.
         zero_init_residual (bool): Zero the BN scales of each unit's last block, so units
-            start as identities. Defaults to True.
+            start as identities; as in mmdet, only with the default initialization (no
+            ``init_cfg``, no ``pretrained``). Defaults to True.
         groups (int): ResNeXt cardinality. Defaults to 1.
         base_width (int): ResNeXt width per group. Defaults to 4.
         deploy (bool): Build the folded structure. Defaults to False.
@@ -227,6 +233,11 @@ class ResNet(ResidualBackbone):
                  init_cfg: OptConfigType = None):
         if init_cfg and pretrained:
             raise ValueError('init_cfg and pretrained cannot be specified at the same time')
+        if pretrained is not None and not isinstance(pretrained, str):
+            raise TypeError(f'pretrained must be a checkpoint path (str) or None, got '
+                            f'{type(pretrained).__name__}')
+        # As mmdet: zero_init_residual applies to the default initialization only.
+        default_init = init_cfg is None and pretrained is None
         if pretrained is not None:
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         elif init_cfg is None:
@@ -235,6 +246,7 @@ class ResNet(ResidualBackbone):
                 dict(type='Constant', val=1, layer=['_BatchNorm', 'GroupNorm'])
             ]
         super().__init__(init_cfg)
+        self._default_init = default_init
         if depth not in self.arch_settings:
             raise ValueError(f'invalid depth {depth} for ResNet; choose one of '
                              f'{sorted(self.arch_settings)}')

@@ -65,6 +65,20 @@ def build_reparam_conv(reparam: str,
                  deploy=deploy)
 
 
+def _register_mmcv_ops(conv_cfg: ConfigType) -> None:
+    """Import ``mmcv.ops`` (it registers ``DCN``, ``DCNv2``, ...) when ``conv_cfg`` names a
+    type the registry does not know yet, as it does inside mmdet (which imports it)."""
+    from mmengine.registry import MODELS as ROOT_MODELS
+    layer_type = conv_cfg.get('type') if isinstance(conv_cfg, dict) else None
+    if not isinstance(layer_type, str) or ROOT_MODELS.get(layer_type) is not None:
+        return
+    try:
+        import mmcv.ops  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f'conv type {layer_type!r} needs mmcv\'s compiled ops (mmcv.ops), '
+                          f'which this mmcv does not have: {err}') from err
+
+
 class ConvNorm(nn.Module):
     """A convolution built from ``conv_cfg`` (e.g. DCN) followed by a norm and activation.
 
@@ -76,6 +90,7 @@ class ConvNorm(nn.Module):
                  kernel_size: int, stride: int = 1, dilation: int = 1, groups: int = 1,
                  norm_cfg: ConfigType = dict(type='BN'), act_cfg: OptConfigType = None):
         super().__init__()
+        _register_mmcv_ops(conv_cfg)
         self.conv = build_conv_layer(conv_cfg, in_channels, out_channels, kernel_size,
                                      stride=stride, padding=dilation * (kernel_size // 2),
                                      dilation=dilation, groups=groups, bias=False)

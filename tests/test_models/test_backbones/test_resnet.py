@@ -193,3 +193,36 @@ def test_zero_init_residual_zeroes_the_last_bn_of_each_unit(depth):
         first = [m for m in unit.conv1.modules() if isinstance(m, _BatchNorm)]
         assert last and all((m.weight == 0).all() for m in last)
         assert all((m.weight != 0).any() for m in first)
+
+
+def test_zero_init_residual_only_with_the_default_init():
+    """As mmdet: a custom init_cfg is the user's; the residual BNs are not zeroed."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    model = ResNet(18, base_channels=8, reparam='OREPA', zero_init_residual=True,
+                   init_cfg=[dict(type='Kaiming', layer='Conv2d'),
+                             dict(type='Constant', val=1, layer='_BatchNorm')])
+    model.init_weights()
+    last = [m for layer in model.stage_modules() for unit in layer
+            for m in unit.last_conv.modules() if isinstance(m, _BatchNorm)]
+    assert last and all((m.weight == 1).all() for m in last)
+
+
+def test_pretrained_must_be_a_path():
+    with pytest.raises(TypeError, match='pretrained must be a checkpoint path'):
+        ResNet(18, pretrained=dict(checkpoint='x.pth'))
+
+
+@pytest.mark.parametrize('fallback', [False, True])
+def test_mmdet_dcn_form_with_fallback_on_stride(fallback):
+    dcn = dict(type='DCN', deform_groups=1, fallback_on_stride=fallback)
+    model = ResNet(50, base_channels=8, reparam='OREPA', dcn=dcn,
+                   stage_with_dcn=(False, True, True, True))
+    conv2 = model.layer2[0].conv2
+    if fallback:
+        assert type(conv2).__name__ == 'OREPA'
+    else:
+        assert 'DeformConv' in type(conv2.conv).__name__ or any(
+            'DeformConv' in type(m).__name__ for m in conv2.modules())
+    assert dcn['fallback_on_stride'] is fallback  # the caller's dict is not changed
+    model.init_weights()
+    assert model(torch.randn(1, 3, 128, 128))[-1].shape == (1, 256, 4, 4)
