@@ -267,17 +267,22 @@ def deploy_files(folder):
                   if p.name.startswith(('deploy', '.deploy')))
 
 
-def redo_with_fold_tool(hint, tmp_path):
-    """Run the ``tools/fold.py ...`` command that an ERROR line names."""
+def fold_tool():
+    """tools/fold.py as a module (its ``main(argv)`` returns the exit status)."""
     import importlib.util
-    import shlex
     spec = importlib.util.spec_from_file_location(
         'fold_tool', os.path.join(os.path.dirname(__file__), '..', '..', 'tools', 'fold.py'))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def redo_with_fold_tool(hint, tmp_path):
+    """Run the ``tools/fold.py ...`` command that an ERROR line names."""
+    import shlex
     command = hint.split('redo it with: ', 1)[1]
     argv = shlex.split(command)[2:]  # drop 'python tools/fold.py'
-    assert tool.main(argv) == 0
+    assert fold_tool().main(argv) == 0
     return argv[-1]
 
 
@@ -454,3 +459,26 @@ def test_deploy_config_drops_a_pretrained_init_from_a_list():
     assert out.model.backbone.init_cfg == [dict(type='Kaiming', layer='Conv2d')]
     cfg.model.backbone.init_cfg = [dict(type='Pretrained', checkpoint='in1k.pth')]
     assert 'init_cfg' not in deploy_config(cfg).model.backbone
+
+
+@pytest.mark.parametrize('on_deploy', ['scale', 'raise'])
+def test_fold_tool_on_a_wrong_or_failing_fold(image_folder, tmp_path, foreign_neck, on_deploy,
+                                              capsys):
+    """tools/fold.py: a fold error above --max-rel-error writes the files (marked) and
+    exits 1; a fold that raises writes nothing and exits 1; one error line each."""
+    cfg = classifier_cfg(image_folder, tmp_path / 'work', max_iters=2)
+    cfg.model.neck = dict(type=foreign_neck, on_deploy=on_deploy)
+    runner, _ = run_training(config_file(cfg, tmp_path))
+    out = tmp_path / 'out'
+    status = fold_tool().main([str(tmp_path / 'cfg.py'), str(tmp_path / 'work' / 'iter_2.pth'),
+                               str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and err[0].startswith('tools/fold.py: error: '), err
+    if on_deploy == 'scale':
+        assert 'above --max-rel-error 0.0001' in err[0]
+        meta = torch.load(out / 'deploy.pth', weights_only=True)['meta']
+        assert meta['fold_check']['status'] == 'failed'
+        assert (out / 'deploy_config.py').exists()
+    else:
+        assert 'folding the model failed (RuntimeError: switch_to_deploy is broken' in err[0]
+        assert deploy_files(out) == []
