@@ -46,7 +46,9 @@ class RepVGG(ReparamBackbone):
     Args:
         arch (str | dict): One of :attr:`arch_settings` ('A0', 'A1', 'A2', 'B0', 'B1',
             'B1g2', 'B1g4', 'B2', 'B2g2', 'B2g4', 'B3', 'B3g2', 'B3g4', 'D2se'), or a dict
-            with ``num_blocks``, ``width_factor``, ``group_layer_map`` and ``use_se``.
+            with ``num_blocks``, ``width_factor`` and optionally ``group_layer_map`` (layer
+            index from 1 -> groups), ``use_se`` and ``stem_channels`` (default
+            ``min(64, base_channels * width_factor[0])``), as in mmpretrain.
         reparam (str): 'RepVGG' or 'OREPA_VGG'. Defaults to 'RepVGG'.
         in_channels (int): Input channels. Defaults to 3.
         base_channels (int): Width before the width factors. Defaults to 64.
@@ -121,7 +123,8 @@ class RepVGG(ReparamBackbone):
                               norm_cfg=norm_cfg, act_cfg=act_cfg, deploy=deploy,
                               use_se=arch['use_se'])
 
-        channels = min(64, int(base_channels * arch['width_factor'][0]))
+        channels = arch.get('stem_channels') or min(64,
+                                                    int(base_channels * arch['width_factor'][0]))
         self.stem = block(in_channels, channels, stride=2)
         layer_idx = 1
         self.stages = []
@@ -151,7 +154,19 @@ class RepVGG(ReparamBackbone):
             raise ValueError(f'arch dict misses {sorted(missing)}')
         if len(arch['num_blocks']) != len(arch['width_factor']):
             raise ValueError('arch num_blocks and width_factor must have the same length')
-        return dict(dict(group_layer_map=None, use_se=False), **arch)
+        if arch.get('se_cfg') is not None:
+            raise ValueError("arch se_cfg is not supported: mmreparam.RepVGG's SE is the "
+                             "official RepVGG-D2se one, chosen with arch use_se=True")
+        unknown = set(arch) - {'num_blocks', 'width_factor', 'group_layer_map', 'use_se',
+                               'stem_channels', 'se_cfg'}
+        if unknown:
+            raise ValueError(f'unknown arch keys {sorted(unknown)}')
+        layers = sum(arch['num_blocks'])
+        beyond = sorted(k for k in (arch.get('group_layer_map') or {}) if not 1 <= k <= layers)
+        if beyond:
+            raise ValueError(f'arch group_layer_map names layers {beyond}, but the stages have '
+                             f'layers 1 to {layers}')
+        return dict(dict(group_layer_map=None, use_se=False, stem_channels=None), **arch)
 
     def stage_modules(self):
         """The stages ``stage_1``, ``stage_2``, ..."""

@@ -34,3 +34,16 @@ def test_repvgg_folds_exactly(arch, reparam):
     deploy.load_state_dict(folded.state_dict(), strict=True)
     model.switch_to_deploy()  # the mmpretrain-style in-place name
     assert model.deploy and set(model.state_dict()) == set(deploy.state_dict())
+
+
+def test_arch_dict_keys_as_mmpretrain():
+    from mmreparam.models.backbones import RepVGG as Ours
+    tiny = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25, 0.25, 0.25, 0.25])
+    assert Ours(dict(tiny, stem_channels=24)).stem.out_channels == 24
+    assert Ours(dict(tiny)).stem.out_channels == 16
+    with pytest.raises(ValueError, match=r'group_layer_map names layers \[5\]'):
+        Ours(dict(tiny, group_layer_map={2: 2, 5: 2}))
+    with pytest.raises(ValueError, match='se_cfg is not supported'):
+        Ours(dict(tiny, se_cfg=dict(ratio=16)))
+    with pytest.raises(ValueError, match="unknown arch keys \\['widths'\\]"):
+        Ours(dict(tiny, widths=[1]))
