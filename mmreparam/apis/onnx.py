@@ -1,4 +1,5 @@
 """ONNX export of folded models, its check with onnxruntime, and its op census."""
+import inspect
 from collections import Counter
 from typing import Dict
 
@@ -33,10 +34,14 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int =
     """
     model = _FirstOutputs(model).eval()
 
+    # torch >= 2.5 takes dynamo= (and later defaults to True); before, TorchScript only.
+    kwargs = dict(dynamo=False) if 'dynamo' in inspect.signature(torch.onnx.export).parameters \
+        else {}
+
     def write(tmp):
         with torch.no_grad():
-            torch.onnx.export(model, (example, ), tmp, dynamo=False, opset_version=opset,
-                              input_names=['input'], do_constant_folding=True)
+            torch.onnx.export(model, (example, ), tmp, opset_version=opset,
+                              input_names=['input'], do_constant_folding=True, **kwargs)
 
     atomic_write(path, write)
     return path

@@ -211,10 +211,11 @@ default_hooks['checkpoint']['interval'] = 2
     from mmengine.registry import init_default_scope
 
     from mmreparam.apis.deploy import models_registry
+    from mmreparam.checkpoint import safe_load
     init_default_scope('mmdet')
     registry = models_registry('mmdet')
     trained = registry.build(Config.fromfile(str(cfg)).model)
-    ckpt = torch.load(work / 'iter_2.pth', map_location='cpu', weights_only=True)
+    ckpt = safe_load(work / 'iter_2.pth')  # mmengine's checkpoint, on any torch
     trained.load_state_dict(ckpt['state_dict'])
     assert type(trained.backbone.stem.bn).__name__ == 'SyncBatchNorm'
     assert trained.backbone.depth == 50 and trained.backbone.layer1[0].conv1.out_channels == 8
