@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-all lint demo bench clean-env
+.PHONY: env env-compat test test-compat test-all lint demo bench clean-env
 
 env:
 	@bash tools/bootstrap.sh
@@ -11,6 +11,19 @@ env:
 # The default suite (what CI runs): unit, property and small end-to-end tests.
 test: env
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The same suite on the older stack most OpenMMLab users have (requirements/compat.txt:
+# torch 2.1.2, mmcv 2.1.0 built for it, numpy < 2), in its own venv and mmcv cache key.
+COMPAT_VENV := .venv-torch2.1
+
+# mmreparam is installed there from a copy (EDITABLE=0), and pytest runs from the venv's bin
+# (not `python -m`, which would put the source tree first on sys.path).
+env-compat:
+	@VENV=$(CURDIR)/$(COMPAT_VENV) REQS=$(CURDIR)/requirements/compat.txt EDITABLE=0 \
+		bash tools/bootstrap.sh
+
+test-compat: env-compat
+	$(COMPAT_VENV)/bin/pytest tests $(PYTEST_ARGS)
 
 # The one linter and import sorter (ruff.toml); CI runs it before the tests.
 lint: env
@@ -21,7 +34,7 @@ test-all: env
 	$(PY) -m pytest tests -m "" $(PYTEST_ARGS)
 
 clean-env:
-	rm -rf .venv
+	rm -rf .venv $(COMPAT_VENV)
 
 # Train, fold and test an OREPA-R50 detector and segmentor on generated data (CPU).
 demo: env

@@ -11,6 +11,12 @@
 # Environment knobs:
 #   PYTHON               interpreter for the venv (default: python3.11, else python3)
 #   VENV                 venv path (default: .venv in the repository)
+#   REQS                 the pinned stack (default: requirements/runtime.txt; the older stack
+#                        most OpenMMLab users have: requirements/compat.txt, make test-compat)
+#   EDITABLE             1 (default): mmreparam in editable mode, its C++ extension built into
+#                        the source tree; 0: a regular install from a copy of the tree (a second
+#                        venv on another torch must not overwrite that extension); redone
+#                        whenever a file of the package changes
 #   MMREPARAM_CACHE      where built mmcv wheels are kept (default: ~/.cache/mmreparam)
 #   FORCE_CUDA=1         build mmcv with CUDA ops (default: only when torch sees a GPU)
 #   MAX_JOBS             parallel compile jobs for mmcv (default: number of cores)
@@ -18,6 +24,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}
+REQS=${REQS:-$ROOT/requirements/runtime.txt}
+EDITABLE=${EDITABLE:-1}
 CACHE=${MMREPARAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmreparam}
 MMCV_VERSION=2.1.0
 STAMP=$VENV/.mmreparam-bootstrap
@@ -36,9 +44,18 @@ if [ -z "${PYTHON:-}" ]; then
   if command -v python3.11 >/dev/null 2>&1; then PYTHON=python3.11; else PYTHON=python3; fi
 fi
 
+package_files() {  # what a regular (non-editable) install copies
+  if [ "$EDITABLE" = 1 ]; then
+    echo "$ROOT"/mmreparam/csrc/*
+  else
+    find "$ROOT/mmreparam" -type f \( -name '*.py' -o -name '*.cpp' \) | sort
+  fi
+}
+
 inputs_hash() {
-  cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$ROOT/tools/bootstrap.sh" \
-    "$ROOT"/mmreparam/csrc/* \
+  # shellcheck disable=SC2046
+  { echo "editable=$EDITABLE"; cat "$REQS" "$ROOT"/requirements/{build,tests,deploy}.txt \
+    "$ROOT/setup.py" "$ROOT/tools/bootstrap.sh" $(package_files); } \
     | sha256sum | cut -c1-16
 }
 
@@ -63,8 +80,8 @@ pip_ install -q --upgrade "pip>=24"
 run_step "2/6 build tools (setuptools, wheel, ninja)"
 pip_ install -q -r "$ROOT/requirements/build.txt"
 
-run_step "3/6 torch and torchvision (several GB; pip takes them from local disk when present)"
-TORCH_PINS=$(grep -E '^(torch|torchvision)==' "$ROOT/requirements/runtime.txt")
+run_step "3/6 torch and torchvision from $(basename "$REQS") (several GB; pip takes them from local disk when present)"
+TORCH_PINS=$(grep -E '^(torch|torchvision|numpy)==' "$REQS")
 # shellcheck disable=SC2086
 pip_ install -q $TORCH_PINS
 
@@ -85,16 +102,20 @@ run_step "4/6 mmcv $MMCV_VERSION with ops ($MMCV_FLAVOUR, cache key $MMCV_KEY)"
 if ls "$MMCV_DIR"/mmcv-*.whl >/dev/null 2>&1; then
   echo "using cached wheel $(ls "$MMCV_DIR"/mmcv-*.whl)"
 else
-  echo "no cached wheel: building mmcv from its sdist (about 15 minutes on 2 CPU cores)"
+  echo "no cached wheel: building mmcv from its sdist; on 2 CPU cores this takes about 13"
+  echo "minutes on an idle machine and up to 35 with other work on it (started $(date +%H:%M))"
   BUILD=$(mktemp -d)
   # Metadata generation imports torch, hence no build isolation (torch is in the venv).
   pip_ download -q --no-deps --no-binary :all: --no-build-isolation \
     "mmcv==$MMCV_VERSION" -d "$BUILD"
   tar -xzf "$BUILD/mmcv-$MMCV_VERSION.tar.gz" -C "$BUILD"
   SRC=$BUILD/mmcv-$MMCV_VERSION
-  # torch >= 2.14 headers need C++20; mmcv 2.1.0 hard-codes -std=c++14 / c++17.
-  sed -i -E 's/-std=c\+\+1[47]/-std=c++20/g' "$SRC/setup.py"
-  grep -q -- '-std=c++20' "$SRC/setup.py"
+  # torch >= 2.14 headers need C++20; mmcv 2.1.0 hard-codes -std=c++14 / c++17 (right for
+  # the older torch versions).
+  if "$PY" -c 'import sys, torch; sys.exit(0 if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 14) else 1)'; then
+    sed -i -E 's/-std=c\+\+1[47]/-std=c++20/g' "$SRC/setup.py"
+    grep -q -- '-std=c++20' "$SRC/setup.py"
+  fi
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
     pip_ wheel --no-deps --no-build-isolation -w "$BUILD/dist" "$SRC"
   mkdir -p "$CACHE/wheels"
@@ -112,13 +133,27 @@ fi
 
 run_step "5/6 OpenMMLab packages (mmengine, mmdet, mmsegmentation, mmpretrain)"
 # One resolver call, so mmcv's and mmdet's dependencies are resolved against the pins together.
-pip_ install -q "$MMCV_WHEEL" -r "$ROOT/requirements/runtime.txt"
+pip_ install -q "$MMCV_WHEEL" -r "$REQS"
 
-run_step "6/6 mmreparam (editable), test and ONNX export tools"
-pip_ install -q -r "$ROOT/requirements/tests.txt" -r "$ROOT/requirements/deploy.txt"
-pip_ install -q --no-deps --no-build-isolation -e "$ROOT"
+if [ "$EDITABLE" = 1 ]; then HOW=editable; else HOW="installed from a copy"; fi
+run_step "6/6 mmreparam ($HOW), test and ONNX export tools"
+# The stack's pins as constraints: a test or export tool must not move them (numpy < 2 on
+# the torch 2.1 stack).
+pip_ install -q -r "$ROOT/requirements/tests.txt" -r "$ROOT/requirements/deploy.txt" -c "$REQS"
+if [ "$EDITABLE" = 1 ]; then
+  pip_ install -q --no-deps --no-build-isolation -e "$ROOT"
+else
+  # From a copy: an in-tree build would share build/ and the tree's extension with .venv.
+  COPY=$(mktemp -d)
+  tar -C "$ROOT" --exclude='./.venv*' --exclude='./build' --exclude='./work_dirs' \
+    --exclude='./data' --exclude='./.git' --exclude='./.whl' --exclude='*.so' \
+    --exclude='*.egg-info' -cf - . | tar -C "$COPY" -xf -
+  pip_ install -q --no-deps --no-build-isolation --force-reinstall "$COPY"
+  rm -rf "$COPY"
+fi
 
 CURRENT_STEP="import check"
+cd /  # the installed package, not the source tree (which a non-editable install must not use)
 "$PY" - <<'EOF'
 import mmcv, mmcv.ops, mmdet, mmseg, mmpretrain, mmengine, torch
 import mmreparam
