@@ -54,16 +54,33 @@ def run_upstream_tool(name: str, argv: List[str], metrics_json: Optional[str] = 
     import mmreparam  # noqa: F401  (registry scope, checkpoint allow-list)
     if not argv or not osp.isfile(argv[0]):
         raise FileNotFoundError(f'config file {argv[0] if argv else None!r} does not exist')
+    import torch.distributed as dist
     cfg = Config.fromfile(argv[0])
     toolbox = detect_toolbox(cfg)
     script = upstream_tool(toolbox, name)
+    had_group = dist.is_available() and dist.is_initialized()
     argv = setup_cpu_distributed(cfg, argv)
+    started_group = not had_group and dist.is_available() and dist.is_initialized()
     if metrics_json:
         _dump_test_metrics(metrics_json)
     sys.argv = [script, *argv]
     # The upstream scripts resolve relative imports from their own folder.
     sys.path.insert(0, osp.dirname(script))
     runpy.run_path(script, run_name='__main__')
+    if started_group and dist.is_initialized():
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """End the process group that :func:`setup_cpu_distributed` started (gloo, no GPU).
+
+    Every rank waits for the others first (rank 0 may still be writing the deploy files),
+    then the group is destroyed: leaving it to the interpreter's exit let a gloo rank abort
+    ('terminate called without an active exception') while its peer was still working.
+    """
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _dump_test_metrics(path: str) -> None:
