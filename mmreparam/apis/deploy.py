@@ -93,11 +93,6 @@ def deploy_config(cfg: Config) -> Config:
     return cfg
 
 
-def save_config_atomic(cfg: Config, path: str) -> None:
-    """Dump ``cfg`` to ``path`` through :func:`atomic_write`."""
-    atomic_write(path, lambda tmp: cfg.dump(tmp))
-
-
 def export_deploy(folded: torch.nn.Module, cfg: Config, out_dir: str,
                   meta: Optional[dict] = None, ckpt_name: str = DEPLOY_CKPT,
                   config_name: str = DEPLOY_CONFIG) -> dict:
@@ -135,5 +130,5 @@ def export_deploy(folded: torch.nn.Module, cfg: Config, out_dir: str,
     return dict(checkpoint=ckpt_path, config=cfg_path)
 
 
-__all__ = ['atomic_write', 'save_checkpoint_atomic', 'deploy_config', 'save_config_atomic',
+__all__ = ['atomic_write', 'save_checkpoint_atomic', 'deploy_config',
            'export_deploy', 'models_registry']

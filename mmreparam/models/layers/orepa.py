@@ -113,9 +113,6 @@ class OREPAGeneratorMixin:
         return frequency_prior(self.gen_out_channels, self.gen_kernel_size,
                                dtype=self.vector.dtype, device=self.vector.device)
 
-    def _scale(self, name: str) -> Tensor:
-        return self.vector[self.branch_names.index(name)].reshape(-1, 1, 1, 1)
-
     def generate_kernel(self) -> Tensor:
         """The generated ``(out, in/groups, k, k)`` kernel (differentiable).
 
