@@ -52,7 +52,8 @@ def summary(scales) -> str:
 
 def run(args) -> None:
     """Read or build the scales, check them, save atomically, print a summary."""
-    from mmreparam.models.backbones.repoptvgg import constant_scales, load_scales, save_scales
+    from mmreparam.engine.optimizers import load_scales, save_scales
+    from mmreparam.models.backbones.repopt_scales import constant_scales
     from mmreparam.utils import parse_key_values
     extra = parse_key_values(args.set)
     if args.command == 'const':
@@ -76,7 +77,7 @@ def run(args) -> None:
 def main(argv=None) -> int:
     """Entry point; returns the exit status (1 with one ``error:`` line on bad input)."""
     args = parse_args(argv)
-    from mmreparam.models.backbones.repoptvgg import ScalesError
+    from mmreparam.models.backbones.repopt_scales import ScalesError
     from mmreparam.utils import run_cli
     error = run_cli(run, args, errors=(ScalesError, OSError, ValueError, TypeError))
     if error:

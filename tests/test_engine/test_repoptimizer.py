@@ -17,17 +17,11 @@ import torch
 from mmengine.optim import build_optim_wrapper
 
 from mmreparam.engine import RepOptSGD
-from mmreparam.models.backbones.repoptvgg import (
-    CSLABlock,
-    RepOptVGG,
-    ScalesError,
-    constant_scales,
-    load_scales,
-    repopt_grad_mult,
-    save_scales,
-)
+from mmreparam.models.backbones import RepOptVGG
+from mmreparam.models.backbones.repopt_blocks import CSLABlock, repopt_grad_mult
+from mmreparam.models.backbones.repopt_scales import constant_scales
 from mmreparam.models.layers import ConvBN
-from mmreparam.testing import official_repopt_keys, randomize_bn
+from mmreparam.testing import randomize_bn
 
 TINY = dict(num_blocks=[1, 2, 2, 1], width_factor=[0.125, 0.125, 0.125, 0.125])
 SGD = dict(type='SGD', lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
@@ -239,53 +233,6 @@ def test_repopt_sgd_validates_grad_mults():
     optimizer.step()  # no momentum, no decay: W -= lr * 3 * 1
     assert torch.allclose(conv.weight, start - 0.3)
     assert set(optimizer.state_dict()) == {'state', 'param_groups'}
-
-
-def test_scales_round_trip_and_hs_checkpoints(tmp_path):
-    hs = RepOptVGG(TINY, mode='hs')
-    with torch.no_grad():  # a "trained" HS model
-        for p in hs.parameters():
-            p.add_(torch.rand_like(p))
-    scales = hs.get_scales()
-    path = tmp_path / 'scales.pth'
-    save_scales(scales, path, meta=dict(arch='tiny'))
-    assert torch.load(path, weights_only=True)['meta']['format'] == 'mmreparam.repopt_scales'
-    loaded = load_scales(path)
-    assert loaded.keys() == scales.keys() and all(
-        torch.equal(loaded[n][k], scales[n][k]) for n in scales for k in scales[n])
-    # An mmreparam HS checkpoint (classifier with backbone.) and the official layout.
-    ckpt = {'state_dict': {f'backbone.{k}': v for k, v in hs.state_dict().items()}}
-    torch.save(ckpt, tmp_path / 'hs.pth')
-    torch.save({'model': official_repopt_keys(hs.state_dict())}, tmp_path / 'official.pth')
-    for source in (tmp_path / 'hs.pth', tmp_path / 'official.pth'):
-        target = RepOptVGG(TINY, scales=str(source))
-        got = target.get_scales()
-        assert all(torch.equal(got[n][k], scales[n][k]) for n in scales for k in scales[n])
-
-
-def test_bad_scales_files_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match='missing.pth'):
-        load_scales(tmp_path / 'missing.pth')
-    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(ScalesError, match='cannot read .*junk.pth'):
-        load_scales(tmp_path / 'junk.pth')
-    torch.save({'state_dict': {'conv.weight': torch.zeros(1)}}, tmp_path / 'plain.pth')
-    neither = r'plain.pth.* is neither a scales file .* nor a hyper-search checkpoint'
-    with pytest.raises(ScalesError, match=neither):
-        load_scales(tmp_path / 'plain.pth')
-    torch.save({'scales': {'stem': {'conv': torch.ones(4)}}}, tmp_path / 'partial.pth')
-    with pytest.raises(ScalesError, match="block 'stem' has keys"):
-        load_scales(tmp_path / 'partial.pth')
-    # Scales of another arch: the message names the blocks and channels that do not fit.
-    with torch.device('meta'):
-        other = RepOptVGG(dict(TINY, num_blocks=[1, 2, 3, 1]))
-    save_scales(constant_scales(other), tmp_path / 'other.pth')
-    model = RepOptVGG(TINY, scales=str(tmp_path / 'other.pth'))
-    with pytest.raises(ScalesError, match='stage_3.2, which the model does not have'):
-        model.get_scales()
-    wide = constant_scales(RepOptVGG(dict(TINY, width_factor=[0.25] * 4)))
-    with pytest.raises(ScalesError, match="stem: 'conv' has 16 channels, the block has 8"):
-        RepOptVGG(TINY, scales=wide).repopt_grad_mults()
 
 
 def test_constructor_resolves_from_a_fresh_interpreter():

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmreparam.engine.optimizers import load_scales
 from mmreparam.models.backbones import RepOptVGG
-from mmreparam.models.backbones.repoptvgg import constant_scales, load_scales
+from mmreparam.models.backbones.repopt_scales import constant_scales
 
 REPO = Path(__file__).resolve().parents[2]
 

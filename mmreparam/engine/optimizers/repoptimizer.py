@@ -111,28 +111,38 @@ class RepOptSGD(SGD):
 def collect_grad_mults(model: nn.Module, scales=None) -> List[Tuple[Tensor, Tensor]]:
     """The Grad Mults of every module of ``model`` that has ``repopt_grad_mults()``.
 
+    Those modules (:class:`mmreparam.RepOptVGG` with ``mode='target'``) compute them from
+    their kernels and scales; the hyper-search and CSLA forms have none (they train with
+    plain SGD).
+
     Args:
         model (nn.Module): The model (a classifier, detector, ... or a backbone).
-        scales (str | dict, optional): Scales to give those modules (see
-            :meth:`mmreparam.RepOptVGG.repopt_grad_mults`). Defaults to None.
+        scales (str | dict, optional): Scales for the one such module, given to its
+            ``use_scales()`` first: taken if it holds none yet, else they must be the same
+            (see :meth:`mmreparam.models.backbones.repoptvgg.TargetRepOptVGG.use_scales`).
+            Defaults to None.
 
     Returns:
         list[tuple[Tensor, Tensor]]: ``(parameter, multiplier)`` pairs.
 
     Raises:
-        ValueError: No such module, or ``scales`` with more than one of them.
+        ValueError: No such module, ``scales`` with more than one of them, or scales that
+            differ from the module's.
     """
     owners = [(name, module) for name, module in model.named_modules()
               if callable(getattr(module, 'repopt_grad_mults', None))]
     if not owners:
         raise ValueError(f'{type(model).__name__} has no module with Grad Mults for a '
-                         "RepOptimizer (e.g. mmreparam.RepOptVGG with mode='target')")
+                         "RepOptimizer (e.g. mmreparam.RepOptVGG with mode='target'; the "
+                         "'hs' and 'csla' forms train with a plain optimizer)")
     if scales is not None and len(owners) > 1:
         raise ValueError(f'optim_wrapper scales are ambiguous for {len(owners)} RepOpt '
                          f'modules ({[name for name, _ in owners]}); set scales on each')
     pairs = []
     for _, module in owners:
-        pairs.extend(module.repopt_grad_mults(scales))
+        if scales is not None:
+            module.use_scales(scales)
+        pairs.extend(module.repopt_grad_mults())
     return pairs
 
 
@@ -149,16 +159,18 @@ class RepOptimizerConstructor(DefaultOptimWrapperConstructor):
             paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0))
 
     The Grad Mults come from the model's RepOpt modules (:class:`mmreparam.RepOptVGG`
-    with ``mode='target'``) and their ``scales``. ``paramwise_cfg`` works as with the
-    default constructor. The optimizer must be SGD: the Grad Mults are derived for SGD's
-    update rule. ``clip_grad`` is accepted but warned about: clipping breaks the
-    equivalence with the multi-branch model (the official README says so too).
+    with ``mode='target'``, see :func:`collect_grad_mults`) and their ``scales``.
+    ``paramwise_cfg`` works as with the default constructor. The optimizer must be SGD:
+    the Grad Mults are derived for SGD's update rule. ``clip_grad`` is accepted but warned
+    about: clipping breaks the equivalence with the multi-branch model (the official README
+    says so too).
 
     Args:
         optim_wrapper_cfg (dict): The ``optim_wrapper`` config; may hold ``scales``
             (``'const'``, a scales file or HS checkpoint, or a scales dict) for the model's
-            RepOpt module, which adopts them if it was built with ``scales=None`` (before
-            ``init_weights()``, so that its kernels start from the same scales).
+            RepOpt module, which takes them if it was built with ``scales=None`` (before
+            ``init_weights()``, so that its kernels start from the same scales) and
+            otherwise must hold the same.
         paramwise_cfg (dict, optional): As for :class:`DefaultOptimWrapperConstructor`.
     """
 

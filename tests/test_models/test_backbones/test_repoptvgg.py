@@ -1,5 +1,9 @@
-"""mmreparam.RepOptVGG: arches, modes, init from scales, fold / deploy, official checkpoints,
-and inside an mmpretrain classifier and an mmdet detector built from the repopt configs."""
+"""mmreparam.RepOptVGG: arches, modes and their classes, init from scales, fold / deploy,
+official checkpoints, and inside an mmpretrain classifier and an mmdet detector built from the
+repopt configs."""
+import ast
+import copy
+import pickle
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,9 @@ import mmreparam
 from mmreparam.apis.deploy import deploy_config
 from mmreparam.engine import RepOptSGD
 from mmreparam.models.backbones import RepOptVGG
-from mmreparam.models.backbones.repoptvgg import CSLABlock, constant_scales
+from mmreparam.models.backbones.repopt_blocks import CSLABlock
+from mmreparam.models.backbones.repopt_scales import constant_scales
+from mmreparam.models.backbones.repoptvgg import CSLARepOptVGG, HSRepOptVGG, TargetRepOptVGG
 from mmreparam.models.layers import ConvBN
 from mmreparam.models.layers.fuse import identity_kernel
 from mmreparam.testing import official_repopt_keys, randomize_bn
@@ -57,6 +63,52 @@ def test_modes_and_bad_arguments():
              ValueError, "mode='target' only")):
         with pytest.raises(error, match=match):
             RepOptVGG(**kwargs)
+
+
+def test_each_mode_is_its_own_class():
+    """``RepOptVGG(mode=...)`` builds the form's class: only the methods that form has."""
+    forms = {'target': TargetRepOptVGG, 'hs': HSRepOptVGG, 'csla': CSLARepOptVGG}
+    for mode, form in forms.items():
+        model = RepOptVGG(TINY, mode=mode)
+        assert type(model) is form and isinstance(model, RepOptVGG) and model.mode == mode
+        built = mmreparam.MODELS.build(dict(type='mmreparam.RepOptVGG', arch=TINY, mode=mode))
+        assert type(built) is form
+        for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert type(copied) is form
+        assert type(form(TINY)) is form and form(TINY, mode=mode).mode == mode
+    target, hs = RepOptVGG(TINY), RepOptVGG(TINY, mode='hs')
+    assert target.reparam == 'base' and hs.reparam == 'CSLA'  # block forms, not modes
+    assert not hasattr(target, 'target_state_dict')
+    assert not hasattr(hs, 'repopt_grad_mults') and not hasattr(hs, 'use_scales')
+    with pytest.raises(ValueError, match="'target' form of RepOptVGG, not 'hs'"):
+        TargetRepOptVGG(TINY, mode='hs')
+
+
+def test_grad_mults_are_a_query_and_use_scales_binds_once():
+    model = RepOptVGG(TINY)
+    pairs = model.repopt_grad_mults()
+    assert len(pairs) == 7 and model.scales is None  # asking changes nothing
+    scales = {n: {k: v * 2 for k, v in e.items()} for n, e in constant_scales(model).items()}
+    model.use_scales(scales)
+    assert model.scales is scales
+    assert torch.equal(model.get_scales()['stem']['conv'], scales['stem']['conv'])
+    model.use_scales(scales)  # the same again: fine
+    with pytest.raises(ValueError, match='holds other scales'):
+        model.use_scales('const')
+
+
+def test_repopt_modules_import_nothing_above_the_models_layer():
+    root = Path(mmreparam.__file__).parent / 'models' / 'backbones'
+    for name in ('repoptvgg.py', 'repopt_blocks.py', 'repopt_scales.py'):
+        tree = ast.parse((root / name).read_text())
+        imported = [node.module or '' for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom)]
+        imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                     for alias in node.names]
+        upward = [m for m in imported if m.lstrip('.').split('.')[0] in
+                  ('checkpoint', 'apis', 'engine') or m.startswith('mmreparam.')
+                  and m.split('.')[1] in ('checkpoint', 'apis', 'engine')]
+        assert not upward, (name, upward)
 
 
 def test_init_from_scales_is_the_rule_of_initialization():
