@@ -19,9 +19,10 @@ register_safe_globals()
 
 from . import models  # noqa: E402,F401  (registers the blocks)
 from .apis import fold, fold_error  # noqa: E402
+from .apis.expand import expand  # noqa: E402
 from .engine import FoldHook, RepOptimizerConstructor  # noqa: E402
 from .models import RepMLPResNet, RepOptVGG, RepVGG, ResNet  # noqa: E402
 from .registry import HOOKS, MODELS  # noqa: E402
 
-__all__ = ['__version__', 'fold', 'fold_error', 'FoldHook', 'RepOptimizerConstructor', 'ResNet',
-           'RepVGG', 'RepMLPResNet', 'RepOptVGG', 'MODELS', 'HOOKS']
+__all__ = ['__version__', 'fold', 'expand', 'fold_error', 'FoldHook', 'RepOptimizerConstructor',
+           'ResNet', 'RepVGG', 'RepMLPResNet', 'RepOptVGG', 'MODELS', 'HOOKS']

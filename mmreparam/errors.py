@@ -9,4 +9,9 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint's pickle asks for code outside the allow-list; it was not loaded."""
 
 
-__all__ = ['CheckpointError', 'UnsafeCheckpointError']
+class ExpansionError(ValueError):
+    """A kernel and affine map cannot be expanded into a block's train-time state (the block
+    is too narrow for it, or its norm layer cannot represent the affine map)."""
+
+
+__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'ExpansionError']

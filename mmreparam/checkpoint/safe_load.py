@@ -130,7 +130,7 @@ def _torch_load(source):
     return torch.load(source, map_location='cpu', pickle_module=_allow_list_pickle_module())
 
 
-def _describe(source: Union[str, os.PathLike, io.IOBase]) -> str:
+def _source_name(source: Union[str, os.PathLike, io.IOBase]) -> str:
     return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else 'stream'
 
 
@@ -149,7 +149,7 @@ def safe_load(source: Union[str, os.PathLike, io.IOBase]) -> Any:
         UnsafeCheckpointError: The pickle asks for a global outside the allow-list.
         CheckpointError: The file is truncated, empty or not a PyTorch checkpoint.
     """
-    name = _describe(source)
+    name = _source_name(source)
     if isinstance(source, (str, os.PathLike)):
         if not os.path.exists(source):
             raise FileNotFoundError(f'checkpoint {name} does not exist')

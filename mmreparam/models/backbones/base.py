@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...errors import CheckpointError
 from ...utils import pretrained_init, without_pretrained
-from ..layers.base import fold_children
+from ..layers.base import Foldable, fold_children, is_mmreparam
 from ..layers.orepa import batched_kernel_generation
 
 
@@ -17,9 +17,9 @@ class ReparamBackbone(BaseModule):
     """Base of :class:`ResNet` and :class:`RepVGG`.
 
     Subclasses set ``self.stem``, ``self.out_indices``, ``self.frozen_stages``,
-    ``self.norm_eval`` and ``self.deploy``, list their stages (after the stem) in
-    :meth:`stage_modules`, and override :meth:`forward_stem` when more than the stem runs
-    before the first stage.
+    ``self.norm_eval`` and ``self._built_deploy`` (the constructor's ``deploy``), list
+    their stages (after the stem) in :meth:`stage_modules`, and override
+    :meth:`forward_stem` when more than the stem runs before the first stage.
 
     Attributes:
         batched_generation (str | bool): How the OREPA generators of the backbone make
@@ -29,6 +29,19 @@ class ReparamBackbone(BaseModule):
             and not state: set it on a built model to compare the two.
     """
     batched_generation = 'auto'
+    _built_deploy = False
+
+    @property
+    def deploy(self) -> bool:
+        """Whether the backbone is in its deploy form: all its re-parameterizable modules
+        are folded (built with ``deploy=True``, or folded by :func:`mmreparam.fold` or
+        :meth:`switch_to_deploy`). Derived from the blocks; the constructor's ``deploy``
+        when the backbone holds none."""
+        foldables = [m for m in self.modules()
+                     if m is not self and is_mmreparam(m) and isinstance(m, Foldable)]
+        if not foldables:
+            return self._built_deploy
+        return all(m.folded for m in foldables)
 
     def stage_modules(self) -> List[nn.Module]:
         """The stages after the stem, in order."""
@@ -128,4 +141,3 @@ class ReparamBackbone(BaseModule):
     def switch_to_deploy(self):
         """Fold every block in place (the mmpretrain-style name of :func:`mmreparam.fold`)."""
         fold_children(self)
-        self.deploy = True

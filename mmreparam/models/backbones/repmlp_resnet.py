@@ -216,7 +216,7 @@ class RepMLPResNet(ResidualBackbone):
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.zero_init_residual = zero_init_residual
-        self.deploy = deploy
+        self._built_deploy = deploy
 
         self.stem = self._conv(in_channels, base_channels, 7, stride=2)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
-from ..layers import OREPAVGGBlock, RepVGGBlock
+from ..layers import RepVGGBlock
+from ..layers.factory import REPARAM_TYPES
 from .base import ReparamBackbone
 
 _GROUPED_LAYERS = tuple(range(2, 27, 2))  # the official "optional_groupwise_layers"
@@ -49,7 +50,8 @@ class RepVGG(ReparamBackbone):
             with ``num_blocks``, ``width_factor`` and optionally ``group_layer_map`` (layer
             index from 1 -> groups), ``use_se`` and ``stem_channels`` (default
             ``min(64, base_channels * width_factor[0])``), as in mmpretrain.
-        reparam (str): 'RepVGG' or 'OREPA_VGG'. Defaults to 'RepVGG'.
+        reparam (str): 'RepVGG', 'QARepVGG' or 'OREPA_VGG' (the ``reparam`` values whose
+            block is a RepVGG block). Defaults to 'RepVGG'.
         in_channels (int): Input channels. Defaults to 3.
         base_channels (int): Width before the width factors. Defaults to 64.
         out_indices (Sequence[int]): Stages whose outputs are returned. Defaults to (3, ).
@@ -79,7 +81,8 @@ class RepVGG(ReparamBackbone):
         'B3g4': _arch([4, 6, 16, 1], [3, 3, 3, 5], G4),
         'D2se': _arch([8, 14, 24, 1], [2.5, 2.5, 2.5, 5], use_se=True),
     }
-    block_types = {'RepVGG': RepVGGBlock, 'OREPA_VGG': OREPAVGGBlock}
+    block_types = {name: block for name, block in REPARAM_TYPES.items()
+                   if issubclass(block, RepVGGBlock)}
 
     def __init__(self,
                  arch: Union[str, dict] = 'A0',
@@ -114,7 +117,7 @@ class RepVGG(ReparamBackbone):
         self.out_indices = out_indices
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.deploy = deploy
+        self._built_deploy = deploy
         block_type = self.block_types[reparam]
         group_map = arch['group_layer_map'] or {}
 

@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType, pretrained_init
-from ..layers.factory import ConvNorm, build_reparam_conv, check_reparam
+from ..layers.factory import ConvNormAct, build_reparam_conv, check_reparam
 from .base import ReparamBackbone
 
 RELU = dict(type='ReLU', inplace=True)
@@ -104,7 +104,7 @@ class Bottleneck(_ResUnit):
             if dcn.pop('fallback_on_stride', False):
                 dcn = None
         if dcn is not None:
-            self.conv2 = ConvNorm(dcn, width, width, 3, stride2, dilation, groups,
+            self.conv2 = ConvNormAct(dcn, width, width, 3, stride2, dilation, groups,
                                   norm_cfg=norm_cfg, act_cfg=RELU)
         else:
             self.conv2 = build_reparam_conv(reparam, width, width, 3, stride2, dilation,
@@ -162,7 +162,7 @@ class ResNet(ResidualBackbone):
 
     Args:
         depth (int): 18, 34, 50, 101 or 152.
-        reparam (str): 'base', 'ACB', 'DBB', 'OREPA', 'RepVGG' or 'OREPA_VGG'.
+        reparam (str): 'base', 'ACB', 'DBB', 'OREPA', 'RepVGG', 'QARepVGG' or 'OREPA_VGG'.
             Defaults to 'OREPA'.
         in_channels (int): Input channels. Defaults to 3.
         stem_channels (int, optional): Stem width; None gives ``base_channels``.
@@ -279,7 +279,7 @@ class ResNet(ResidualBackbone):
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.zero_init_residual = zero_init_residual
-        self.deploy = deploy
+        self._built_deploy = deploy
         self.block, stage_blocks = self.arch_settings[depth]
 
         self._make_stem_layer(in_channels, self.stem_channels)

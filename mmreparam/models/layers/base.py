@@ -1,5 +1,5 @@
 """The protocol shared by every re-parameterizable block."""
-from typing import Optional, Protocol, Tuple, runtime_checkable
+from typing import Dict, List, Optional, Protocol, Tuple, Type, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -8,7 +8,9 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ...errors import ExpansionError
 from ...utils import ConfigType, OptConfigType
+from .fuse import Affine, bn_state, zero_bn_state
 
 
 def build_bn(norm_cfg: ConfigType, num_features: int) -> _BatchNorm:
@@ -25,17 +27,69 @@ def build_bn(norm_cfg: ConfigType, num_features: int) -> _BatchNorm:
     return norm
 
 
+def float64_state(module: nn.Module) -> Dict[str, Tensor]:
+    """A detached CPU copy of ``module``'s state_dict, floating tensors in float64."""
+    state = {}
+    for key, value in module.state_dict().items():
+        value = value.detach().cpu()
+        state[key] = value.to(torch.float64) if value.is_floating_point() else value.clone()
+    return state
+
+
+def put(state: Dict[str, Tensor], prefix: str, values: Dict[str, Tensor]) -> None:
+    """Write ``values`` into ``state`` under ``prefix`` (``'bn.'`` ...)."""
+    state.update({prefix + key: value for key, value in values.items()})
+
+
+def put_bn(state: Dict[str, Tensor], prefix: str, bn: _BatchNorm,
+           affine: Optional[Affine] = None) -> None:
+    """Set the BN at ``prefix`` in ``state`` to ``affine``; None switches it off (it outputs
+    zero in eval mode)."""
+    put(state, prefix, zero_bn_state(bn) if affine is None else bn_state(affine, bn))
+
+
+#: Every block type that declares :attr:`ReparamBlock.state_markers`, in definition order.
+_BLOCK_TYPES: List[Type['ReparamBlock']] = []
+
+
+def block_types() -> Tuple[Type['ReparamBlock'], ...]:
+    """The block types that declare :attr:`~ReparamBlock.state_markers`, in definition
+    order (every train-time block a state_dict can be recognised as)."""
+    return tuple(_BLOCK_TYPES)
+
+
+def block_type_of_state(keys) -> Optional[Type['ReparamBlock']]:
+    """The train-time block type whose :attr:`~ReparamBlock.state_markers` are all in
+    ``keys`` (a block's state_dict keys); the most specific one when several match, None
+    when none does. Raises ValueError when two equally specific types match."""
+    keys = set(keys)
+    found = [cls for cls in _BLOCK_TYPES if set(cls.state_markers) <= keys]
+    if not found:
+        return None
+    best = max(len(cls.state_markers) for cls in found)
+    found = [cls for cls in found if len(cls.state_markers) == best]
+    if len(found) > 1:
+        raise ValueError(f'block state matches {[cls.__name__ for cls in found]} equally: '
+                         'their state_markers must tell them apart')
+    return found[0]
+
+
 class ReparamBlock(BaseModule):
     """Base class of the blocks that fold into one convolution with bias.
 
     Subclasses build their training-time branches in ``__init__`` (when ``deploy=False``)
-    and implement :meth:`get_equivalent_kernel_bias` and :meth:`_forward_branches`. The base
-    class gives them the common protocol:
+    and implement :meth:`get_equivalent_kernel_bias`, :meth:`_forward_branches` and
+    :meth:`_expand_branches`, and name the keys that identify them in
+    :attr:`state_markers`. The base class gives them the common protocol, both directions:
 
     - ``deploy=True`` builds exactly the folded structure: ``reparam_conv`` (a conv with bias)
       plus the kept parts (activation, SE);
     - :meth:`fold` replaces the branches by ``reparam_conv``; it is idempotent, and the
-      state_dict of a folded block loads strictly into a ``deploy=True`` block.
+      state_dict of a folded block loads strictly into a ``deploy=True`` block;
+    - :meth:`kernel_and_affine` reduces the linear part to one kernel and an affine map, and
+      :meth:`expansion_state` is its inverse: the state with which this block computes a
+      given kernel and affine map (the checkpoint converter and :func:`mmreparam.expand` are
+      written over these two methods only).
 
     Args:
         in_channels (int): Input channels.
@@ -58,6 +112,16 @@ class ReparamBlock(BaseModule):
     _needs_same_padding = True
     #: Whether the block supports ``groups > 1``.
     _supports_groups = True
+    #: Smallest kernel size the block's branches need.
+    _min_kernel_size = 1
+    #: Keys of the block's state_dict that identify its train-time form (empty: the type is
+    #: never recognised from a state_dict).
+    state_markers: Tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if 'state_markers' in cls.__dict__ and cls.state_markers:
+            _BLOCK_TYPES.append(cls)
 
     def __init__(self,
                  in_channels: int,
@@ -82,6 +146,10 @@ class ReparamBlock(BaseModule):
             raise ValueError(f'{type(self).__name__}: in_channels ({in_channels}) and '
                              f'out_channels ({out_channels}) must be divisible by groups '
                              f'({groups})')
+        if kernel_size < self._min_kernel_size:
+            raise ValueError(f'{type(self).__name__} needs kernel_size >= '
+                             f'{self._min_kernel_size} (got {kernel_size}); use ConvBN for '
+                             f'{kernel_size}x{kernel_size}')
         if groups > 1 and not self._supports_groups:
             raise ValueError(f'{type(self).__name__} does not support groups > 1 '
                              f'(got groups={groups})')
@@ -101,7 +169,6 @@ class ReparamBlock(BaseModule):
         self.groups = groups
         self.norm_cfg = norm_cfg
         self.act_cfg = act_cfg
-        self.deploy = deploy
         self.se: Optional[nn.Module] = None
         self.act = build_activation_layer(act_cfg) if act_cfg else nn.Identity()
         self.reparam_conv: Optional[nn.Conv2d] = self._new_reparam_conv() if deploy else None
@@ -138,6 +205,60 @@ class ReparamBlock(BaseModule):
         """Whether the block is in its deploy form (``reparam_conv`` only)."""
         return self.reparam_conv is not None
 
+    @property
+    def deploy(self) -> bool:
+        """Whether the block is in its deploy form (the same as :attr:`folded`)."""
+        return self.reparam_conv is not None
+
+    def kernel_and_affine(self) -> Tuple[Tensor, Affine]:
+        """The linear part as one kernel followed by an eval-mode affine map.
+
+        Folded: ``reparam_conv``'s kernel and bias. Otherwise the folded kernel and bias of
+        :meth:`get_equivalent_kernel_bias`; blocks whose linear part is "one kernel, then one
+        BN" override this to keep their BN, so that a conversion between two such blocks
+        copies the BN statistics as they are.
+        """
+        if self.reparam_conv is not None:
+            return self.reparam_conv.weight, Affine(self.reparam_conv.bias)
+        kernel, bias = self.get_equivalent_kernel_bias()
+        return kernel, Affine(bias)
+
+    def expansion_state(self, kernel: Tensor, affine: Affine) -> Dict[str, Tensor]:
+        """The state with which this block computes ``affine(conv(x, kernel))`` in eval mode.
+
+        The inverse of :meth:`kernel_and_affine` (and of the fold): a folded block gets the
+        folded kernel and bias; a train-time block gets the kernel in its origin branch and
+        the affine map in that branch's BN, and every other branch switched off (OREPA: its
+        ``vector`` rows 0; a branch's last BN: weight 0, bias 0), their weights kept. The SE
+        module and activation (not linear) are left as they are.
+
+        Args:
+            kernel (Tensor): ``(out_channels, in_channels // groups, k, k)``.
+            affine (Affine): The map after the kernel.
+
+        Returns:
+            dict[str, Tensor]: The block's full state_dict, floating tensors in float64.
+
+        Raises:
+            ExpansionError: The block cannot represent the function (e.g. a non-affine BN).
+        """
+        state = float64_state(self)
+        kernel = kernel.detach().to('cpu', torch.float64)
+        affine = Affine(*(t.detach().to('cpu', torch.float64) if isinstance(t, Tensor) else t
+                          for t in affine))
+        if self.reparam_conv is not None:
+            weight, bias = affine.fold_into(kernel)
+            state.update({'reparam_conv.weight': weight, 'reparam_conv.bias': bias})
+        else:
+            self._expand_branches(state, kernel, affine)
+        return state
+
+    def _expand_branches(self, state: Dict[str, Tensor], kernel: Tensor,
+                         affine: Affine) -> None:
+        """Write the train-time expansion of ``kernel`` and ``affine`` into ``state``."""
+        raise ExpansionError(f'{type(self).__name__} does not know how to expand a kernel '
+                             'into its branches')
+
     def fold(self) -> 'ReparamBlock':
         """Replace the branches by one convolution with bias, in place.
 
@@ -161,7 +282,6 @@ class ReparamBlock(BaseModule):
         for name in list(self._parameters) + list(self._buffers):
             delattr(self, name)
         self.reparam_conv = conv
-        self.deploy = True
         return self
 
     def extra_repr(self) -> str:
@@ -194,7 +314,7 @@ class Foldable(Protocol):
         """Fold in place; a no-op when already folded. Returns the module."""
 
 
-def _is_mmreparam(module: nn.Module) -> bool:
+def is_mmreparam(module: nn.Module) -> bool:
     """Whether the module's class or one of its bases is defined in mmreparam."""
     return any(cls.__module__.startswith('mmreparam.') for cls in type(module).__mro__)
 
@@ -208,7 +328,7 @@ def fold_tree(module: nn.Module) -> int:
     ``reparameterize()`` is asked to fold itself, then its children are walked too, since a
     foreign container may hold blocks it does not know.
     """
-    if _is_mmreparam(module) and isinstance(module, Foldable):
+    if is_mmreparam(module) and isinstance(module, Foldable):
         already = module.folded
         module.fold()
         return 0 if already else 1

@@ -1,10 +1,11 @@
 """Blocks whose training-time form is a sum of parallel conv-BN branches.
 
-``ConvBN`` (the plain baseline), ``ACB`` (ACNet), ``DBB`` (Diverse Branch Block) and
-``RepVGGBlock``. Parameter names follow the official implementations (ACNet/DBB by
-DingXiaoH, RepVGG) so that their checkpoints map by renaming the folded conv only.
+``ConvBN`` (the plain baseline), ``ACB`` (ACNet), ``DBB`` (Diverse Branch Block),
+``RepVGGBlock`` and ``QARepVGGBlock``. Parameter names follow the official implementations
+(ACNet/DBB by DingXiaoH, RepVGG, YOLOv6's QARepVGG) so that their checkpoints map by
+renaming the folded conv only.
 """
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,8 +14,9 @@ from torch import Tensor
 
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
-from .base import ReparamBlock, build_bn
+from .base import ReparamBlock, build_bn, put_bn
 from .fuse import (
+    Affine,
     avg_kernel,
     bn_pad_value,
     fuse_bn,
@@ -25,7 +27,7 @@ from .fuse import (
 )
 
 
-class ConvModuleBN(nn.Module):
+class ConvBNBranch(nn.Module):
     """A bias-free convolution followed by a BatchNorm (one branch of a block).
 
     Args:
@@ -80,6 +82,7 @@ class ConvBN(ReparamBlock):
     Takes any kernel size and padding. See :class:`ReparamBlock` for the arguments.
     """
     _needs_same_padding = False
+    state_markers = ('conv.weight', )
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
                  stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
@@ -100,6 +103,17 @@ class ConvBN(ReparamBlock):
         """Kernel and bias of conv -> BN."""
         return fuse_bn(self.conv.weight, self.bn)
 
+    def kernel_and_affine(self) -> Tuple[Tensor, Affine]:
+        """The conv's kernel and its BN (kept as it is)."""
+        if self.reparam_conv is not None:
+            return super().kernel_and_affine()
+        return self.conv.weight, Affine.of(self.bn)
+
+    def _expand_branches(self, state: Dict[str, Tensor], kernel: Tensor,
+                         affine: Affine) -> None:
+        state['conv.weight'] = kernel
+        put_bn(state, 'bn.', self.bn, affine)
+
 
 @MODELS.register_module()
 class ACB(ReparamBlock):
@@ -109,6 +123,8 @@ class ACB(ReparamBlock):
     column of the square kernel. Needs an odd ``kernel_size >= 3`` and "same" padding.
     See :class:`ReparamBlock` for the arguments.
     """
+    _min_kernel_size = 3
+    state_markers = ('square_conv.weight', )
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
@@ -117,9 +133,6 @@ class ACB(ReparamBlock):
                  init_cfg: OptConfigType = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, norm_cfg, act_cfg, deploy, init_cfg)
-        if kernel_size < 3:
-            raise ValueError(f'ACB needs kernel_size >= 3 (got {kernel_size}); '
-                             'use ConvBN for 1x1')
         if deploy:
             return
         k, p = kernel_size, self.padding
@@ -146,6 +159,13 @@ class ACB(ReparamBlock):
             bias = bias + b_b
         return kernel, bias
 
+    def _expand_branches(self, state: Dict[str, Tensor], kernel: Tensor,
+                         affine: Affine) -> None:
+        state['square_conv.weight'] = kernel
+        put_bn(state, 'square_bn.', self.square_bn, affine)
+        put_bn(state, 'ver_bn.', self.ver_bn)
+        put_bn(state, 'hor_bn.', self.hor_bn)
+
 
 @MODELS.register_module()
 class DBB(ReparamBlock):
@@ -164,6 +184,8 @@ class DBB(ReparamBlock):
             else ``2 * in_channels``, as in the official code. Defaults to None.
         Others: see :class:`ReparamBlock`.
     """
+    _min_kernel_size = 3
+    state_markers = ('dbb_origin.conv.weight', )
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
@@ -173,18 +195,15 @@ class DBB(ReparamBlock):
                  init_cfg: OptConfigType = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, norm_cfg, act_cfg, deploy, init_cfg)
-        if kernel_size < 3:
-            raise ValueError(f'DBB needs kernel_size >= 3 (got {kernel_size}); '
-                             'use ConvBN for 1x1')
         if deploy:
             return
         p = self.padding
-        self.dbb_origin = ConvModuleBN(in_channels, out_channels, kernel_size, norm_cfg,
+        self.dbb_origin = ConvBNBranch(in_channels, out_channels, kernel_size, norm_cfg,
                                        stride=stride, padding=p, dilation=dilation,
                                        groups=groups)
         self.has_1x1 = groups < out_channels
         if self.has_1x1:
-            self.dbb_1x1 = ConvModuleBN(in_channels, out_channels, 1, norm_cfg, stride=stride,
+            self.dbb_1x1 = ConvBNBranch(in_channels, out_channels, 1, norm_cfg, stride=stride,
                                         groups=groups)
         # The averaging branch starts with a 1x1 unless it can average its input directly.
         self.dbb_avg = nn.Module()
@@ -272,6 +291,15 @@ class DBB(ReparamBlock):
         k_b, b_b = merge_1x1_kxk(k1, b1, k2, b2, g)
         return kernel + k_b, bias + b_b
 
+    def _expand_branches(self, state: Dict[str, Tensor], kernel: Tensor,
+                         affine: Affine) -> None:
+        state['dbb_origin.conv.weight'] = kernel
+        put_bn(state, 'dbb_origin.bn.', self.dbb_origin.bn, affine)
+        if self.has_1x1:
+            put_bn(state, 'dbb_1x1.bn.', self.dbb_1x1.bn)
+        put_bn(state, 'dbb_avg.avgbn.', self.dbb_avg.avgbn)
+        put_bn(state, 'dbb_1x1_kxk.bn2.', self.dbb_1x1_kxk.bn2)
+
 
 @MODELS.register_module()
 class RepVGGBlock(ReparamBlock):
@@ -287,6 +315,8 @@ class RepVGGBlock(ReparamBlock):
         act_cfg (dict, optional): Defaults to ``dict(type='ReLU')``.
         Others: see :class:`ReparamBlock`.
     """
+    _min_kernel_size = 3
+    state_markers = ('rbr_dense.conv.weight', )
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
@@ -295,9 +325,6 @@ class RepVGGBlock(ReparamBlock):
                  use_se: bool = False, se_ratio: int = 16, init_cfg: OptConfigType = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, norm_cfg, act_cfg, deploy, init_cfg)
-        if kernel_size < 3:
-            raise ValueError(f'RepVGGBlock needs kernel_size >= 3 (got {kernel_size}); '
-                             'use ConvBN for 1x1')
         if use_se:
             self.se = SEBlock(out_channels, out_channels // se_ratio)
         if deploy:
@@ -310,10 +337,10 @@ class RepVGGBlock(ReparamBlock):
             self.rbr_identity = build_bn(self.norm_cfg, self.in_channels)
         else:
             self.rbr_identity = None
-        self.rbr_dense = ConvModuleBN(self.in_channels, self.out_channels, self.kernel_size,
+        self.rbr_dense = ConvBNBranch(self.in_channels, self.out_channels, self.kernel_size,
                                       self.norm_cfg, stride=self.stride, padding=self.padding,
                                       dilation=self.dilation, groups=self.groups)
-        self.rbr_1x1 = ConvModuleBN(self.in_channels, self.out_channels, 1, self.norm_cfg,
+        self.rbr_1x1 = ConvBNBranch(self.in_channels, self.out_channels, 1, self.norm_cfg,
                                     stride=self.stride, groups=self.groups)
 
     def _forward_branches(self, x: Tensor) -> Tensor:
@@ -338,6 +365,80 @@ class RepVGGBlock(ReparamBlock):
         kernel, bias = self.rbr_dense.get_equivalent_kernel_bias()
         k_side, b_side = self._side_kernel_bias(kernel)
         return kernel + k_side, bias + b_side
+
+    def _expand_branches(self, state: Dict[str, Tensor], kernel: Tensor,
+                         affine: Affine) -> None:
+        self._expand_dense(state, kernel, affine)
+        put_bn(state, 'rbr_1x1.bn.', self.rbr_1x1.bn)
+        if self.rbr_identity is not None:
+            put_bn(state, 'rbr_identity.', self.rbr_identity)
+
+    def _expand_dense(self, state: Dict[str, Tensor], kernel: Tensor, affine: Affine) -> None:
+        """The dense branch alone computes the function."""
+        state['rbr_dense.conv.weight'] = kernel
+        put_bn(state, 'rbr_dense.bn.', self.rbr_dense.bn, affine)
+
+
+@MODELS.register_module()
+class QARepVGGBlock(RepVGGBlock):
+    """Quantization-aware RepVGG block (Chu et al., "Make RepVGG Greater Again: A
+    Quantization-aware Approach", AAAI 2024; QARepVGGBlock of YOLOv6).
+
+    ``BN(kxk-BN(x) + 1x1(x) (+ x))``: the ``1x1`` and identity branches have no BatchNorm
+    of their own and one BN follows the sum, which keeps the folded kernel's and bias's
+    ranges close to the trained ones (the paper's remedy for RepVGG's int8 collapse). Names
+    follow YOLOv6 (``rbr_dense.conv`` / ``rbr_dense.bn``, ``rbr_1x1`` a bias-free conv,
+    ``bn`` after the sum). Arguments as :class:`RepVGGBlock`.
+    """
+    state_markers = ('rbr_dense.conv.weight', 'rbr_1x1.weight')
+
+    def _build_linear_branches(self):
+        self.has_identity = self.in_channels == self.out_channels and self.stride == 1
+        self.rbr_dense = ConvBNBranch(self.in_channels, self.out_channels, self.kernel_size,
+                                      self.norm_cfg, stride=self.stride, padding=self.padding,
+                                      dilation=self.dilation, groups=self.groups)
+        self.rbr_1x1 = nn.Conv2d(self.in_channels, self.out_channels, 1, self.stride,
+                                 groups=self.groups, bias=False)
+        self.bn = build_bn(self.norm_cfg, self.out_channels)
+
+    def _forward_branches(self, x: Tensor) -> Tensor:
+        out = self.rbr_dense(x) + self.rbr_1x1(x)
+        if self.has_identity:
+            out = out + x
+        return self.bn(out)
+
+    def _sum_kernel_bias(self) -> Tuple[Tensor, Tensor]:
+        """Kernel and bias of the sum before the last BN."""
+        kernel, bias = self.rbr_dense.get_equivalent_kernel_bias()
+        kernel = kernel + pad_kernel(self.rbr_1x1.weight, self.kernel_size)
+        if self.has_identity:
+            kernel = kernel + identity_kernel(self.in_channels, self.kernel_size, self.groups,
+                                              dtype=kernel.dtype, device=kernel.device)
+        return kernel, bias
+
+    def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
+        """The sum's kernel and bias with the last BN folded in."""
+        kernel, bias = self._sum_kernel_bias()
+        return fuse_bn(kernel, self.bn, bias)
+
+    def kernel_and_affine(self) -> Tuple[Tensor, Affine]:
+        """The sum's kernel, and the last BN (the dense bias moved into its mean)."""
+        if self.reparam_conv is not None:
+            return super().kernel_and_affine()
+        kernel, bias = self._sum_kernel_bias()
+        affine = Affine.of(self.bn)
+        return kernel, affine._replace(mean=affine.mean - bias)
+
+    def _expand_branches(self, state: Dict[str, Tensor], kernel: Tensor,
+                         affine: Affine) -> None:
+        # The identity cannot be switched off: the dense kernel carries the rest.
+        if self.has_identity:
+            kernel = kernel - identity_kernel(self.in_channels, self.kernel_size, self.groups,
+                                              dtype=kernel.dtype)
+        state['rbr_dense.conv.weight'] = kernel
+        put_bn(state, 'rbr_dense.bn.', self.rbr_dense.bn, Affine(torch.zeros_like(affine.bias)))
+        state['rbr_1x1.weight'] = torch.zeros_like(state['rbr_1x1.weight'])
+        put_bn(state, 'bn.', self.bn, affine)
 
 
 class SEBlock(nn.Module):

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ...utils import ConfigType, OptConfigType
 from .base import ReparamBlock, build_bn
-from .branches import ACB, DBB, ConvBN, RepVGGBlock
+from .branches import ACB, DBB, ConvBN, QARepVGGBlock, RepVGGBlock
 from .orepa import OREPA, OREPA1x1, OREPALargeConv, OREPAVGGBlock
 
 #: The values of ``reparam=`` and the block each puts on ``1 < k < 7`` convolutions.
@@ -16,8 +16,20 @@ REPARAM_TYPES = {
     'DBB': DBB,
     'OREPA': OREPA,
     'RepVGG': RepVGGBlock,
+    'QARepVGG': QARepVGGBlock,
     'OREPA_VGG': OREPAVGGBlock,
 }
+
+
+def reparam_of_block_type(block_type: type) -> Optional[str]:
+    """The ``reparam=`` value whose blocks include ``block_type`` (``'base'`` for
+    :class:`ConvBN`, which every ``reparam`` uses outside its kernel sizes); None if none."""
+    if block_type in (OREPA1x1, OREPALargeConv):
+        return 'OREPA'
+    for reparam, main_type in REPARAM_TYPES.items():
+        if block_type is main_type:
+            return reparam
+    return None
 
 
 def check_reparam(reparam: str) -> str:
@@ -32,8 +44,8 @@ def reparam_block_type(reparam: str, kernel_size: int, groups: int = 1) -> type:
     """The block class for one convolution, following the official implementations.
 
     OREPA: ``1x1`` -> :class:`OREPA1x1` (groups=1), ``k >= 7`` -> :class:`OREPALargeConv`,
-    else :class:`OREPA`. DBB / ACB / RepVGG / OREPA_VGG: only ``1 < k < 7`` change; other
-    convolutions are :class:`ConvBN`. ``base``: always :class:`ConvBN`.
+    else :class:`OREPA`. DBB / ACB / RepVGG / QARepVGG / OREPA_VGG: only ``1 < k < 7``
+    change; other convolutions are :class:`ConvBN`. ``base``: always :class:`ConvBN`.
     """
     check_reparam(reparam)
     if reparam == 'OREPA':
@@ -79,7 +91,7 @@ def _register_mmcv_ops(conv_cfg: ConfigType) -> None:
                           f'which this mmcv does not have: {err}') from err
 
 
-class ConvNorm(nn.Module):
+class ConvNormAct(nn.Module):
     """A convolution built from ``conv_cfg`` (e.g. DCN) followed by a norm and activation.
 
     Not re-parameterizable (a deformable convolution has no plain-conv equivalent); used for

@@ -6,12 +6,15 @@ Kernels use PyTorch's layout ``(out_channels, in_channels // groups, kh, kw)`` a
 convolution, which is a cross-correlation.
 """
 import math
-from typing import Optional, Tuple, Union
+from itertools import product
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from ...errors import ExpansionError
 
 KernelBias = Tuple[Tensor, Tensor]
 Size2 = Union[int, Tuple[int, int]]
@@ -335,3 +338,150 @@ def conv_to_fc(kernel: Tensor, bias: Optional[Tensor], input_size: Size2,
     if bias is None:
         bias = torch.zeros(c_out, dtype=kernel.dtype, device=kernel.device)
     return weight, bias.repeat_interleave(h * w)
+
+
+# --------------------------------------------------------------------------------------
+# The inverse direction: a kernel and affine map -> the state of a train-time block
+
+
+class Affine(NamedTuple):
+    """The eval-mode affine map that follows a kernel: a BatchNorm's, or only a bias.
+
+    ``weight is None`` means the map is ``y + bias``; otherwise it is the eval-mode BN
+    ``(y - mean) * weight / sqrt(var + eps) + bias``.
+    """
+    bias: Tensor
+    weight: Optional[Tensor] = None
+    mean: Optional[Tensor] = None
+    var: Optional[Tensor] = None
+    eps: float = 0.0
+
+    @classmethod
+    def of(cls, bn: _BatchNorm) -> 'Affine':
+        """The eval-mode map of ``bn`` (a non-affine BN has weight 1 and bias 0)."""
+        ones = torch.ones_like(bn.running_mean)
+        return cls(bn.bias if bn.affine else torch.zeros_like(ones),
+                   bn.weight if bn.affine else ones, bn.running_mean, bn.running_var, bn.eps)
+
+    def fold_into(self, kernel: Tensor) -> KernelBias:
+        """The kernel and bias of one biased conv computing ``affine(conv(x, kernel))``."""
+        if self.weight is None:
+            return kernel, self.bias
+        scale = self.weight / (self.var + self.eps).sqrt()
+        return kernel * scale.reshape(-1, 1, 1, 1), self.bias - self.mean * scale
+
+
+def shift_running_var(var: Tensor, source_eps: float, eps: float) -> Tensor:
+    """``running_var`` for a BN with ``eps`` that keeps ``running_var + eps`` unchanged."""
+    if source_eps == eps:
+        return var
+    shifted = var + (source_eps - eps)
+    if (shifted <= 0).any():
+        raise ExpansionError(f'the BatchNorm eps {eps} is too large for a running_var '
+                             f'estimated with eps {source_eps}')
+    return shifted
+
+
+def bn_state(affine: Affine, bn: _BatchNorm) -> Dict[str, Tensor]:
+    """The state of ``bn`` (with its own eps) computing ``affine`` in eval mode (float64)."""
+    if not bn.affine:
+        raise ExpansionError(f'cannot set a non-affine {type(bn).__name__} to an arbitrary '
+                             'affine map')
+    if affine.weight is None:  # a bias only: unit scale (gamma / std == 1 exactly)
+        var = torch.ones_like(affine.bias)
+        state = dict(weight=(var + bn.eps).sqrt(), bias=affine.bias,
+                     running_mean=torch.zeros_like(var), running_var=var)
+    else:
+        state = dict(weight=affine.weight, bias=affine.bias, running_mean=affine.mean,
+                     running_var=shift_running_var(affine.var, affine.eps, bn.eps))
+    return {key: value.to(torch.float64) for key, value in state.items()}
+
+
+def zero_bn_state(bn: _BatchNorm) -> Dict[str, Tensor]:
+    """The state of ``bn`` that outputs exactly zero in eval mode (weight 0, bias 0): how
+    the expansion switches a branch off."""
+    zeros = torch.zeros_like(bn.running_mean, dtype=torch.float64)
+    state = dict(running_mean=zeros, running_var=torch.ones_like(zeros))
+    if bn.affine:
+        state.update(weight=zeros.clone(), bias=zeros.clone())
+    return state
+
+
+def _orthogonal(size: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(size, size, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _split_shift(shift: int, parts: int) -> List[int]:
+    """Write ``shift`` as a sum of ``parts`` 3x3 tap offsets (each 0, 1 or 2)."""
+    offsets = []
+    for _ in range(parts):
+        offsets.append(min(2, shift))
+        shift -= offsets[-1]
+    return offsets
+
+
+#: Largest relative residual accepted when solving for stacked 3x3 factors.
+FACTOR_TOLERANCE = 1e-9
+
+
+def factor_into_3x3(kernel: Tensor, num_factors: int, mid_channels: int) -> List[Tensor]:
+    """``num_factors`` 3x3 kernels whose stacked composition is the ``kxk`` ``kernel``.
+
+    The inverse of composing OREPA's large-kernel generators: factor ``i > 0`` enters the
+    composition flipped, ``compose(f0, f1.flip(), f2.flip(), ...) == kernel`` (float64).
+    The first ``L - 1`` factors are fixed: channel ``m`` of their composition is input
+    channel ``c`` shifted to position ``p`` of a grid whose ``3x3`` windows cover ``kxk``,
+    mixed by seeded orthogonal matrices so that no channel is zero. The last factor is the
+    least-squares solution, exact because those shifted responses span every ``kxk`` kernel;
+    checked against :data:`FACTOR_TOLERANCE`.
+
+    Args:
+        kernel (Tensor): ``(C_out, C_in, k, k)`` with ``k == 2 * num_factors + 1``.
+        num_factors (int): Number of 3x3 factors (at least 2).
+        mid_channels (int): Channels between the factors.
+
+    Returns:
+        list[Tensor]: The float64 factors, ``(mid, C_in, 3, 3)``, ``(mid, mid, 3, 3)``...,
+        ``(C_out, mid, 3, 3)``.
+
+    Raises:
+        ExpansionError: ``mid_channels`` is too narrow for the kernel, or the solution is
+            not exact.
+    """
+    cout, cin, k = kernel.shape[0], kernel.shape[1], kernel.shape[-1]
+    if k != 2 * num_factors + 1 or num_factors < 2:
+        raise ValueError(f'a {k}x{k} kernel is not a composition of {num_factors} 3x3 kernels')
+    kernel = kernel.detach().to('cpu', torch.float64)
+    count = math.ceil(k / 3)
+    positions = sorted({round(i * (k - 3) / (count - 1)) for i in range(count)})
+    if cin * len(positions)**2 > mid_channels:
+        raise ExpansionError(
+            f'cannot factor a {k}x{k} kernel on {cin} input channels into 3x3 kernels with '
+            f'{mid_channels} internal channels (needs at least {cin * len(positions)**2})')
+    mid = mid_channels
+    fixed = [torch.zeros(mid, cin if i == 0 else mid, 3, 3, dtype=torch.float64)
+             for i in range(num_factors - 1)]
+    for m, (c, row, col) in enumerate(product(range(cin), positions, positions)):
+        rows, cols = _split_shift(row, num_factors - 1), _split_shift(col, num_factors - 1)
+        fixed[0][m, c, rows[0], cols[0]] = 1
+        for i in range(1, num_factors - 1):  # later factors enter the composition flipped
+            fixed[i][m, m, 2 - rows[i], 2 - cols[i]] = 1
+    mixing = [_orthogonal(mid, seed) for seed in range(num_factors - 1)]
+    fixed[0] = torch.einsum('pm,mihw->pihw', mixing[0], fixed[0])
+    for i in range(1, num_factors - 1):
+        fixed[i] = torch.einsum('pm,mjhw,qj->pqhw', mixing[i], fixed[i], mixing[i - 1])
+    partial = fixed[0]
+    for factor in fixed[1:]:
+        partial = compose_kernels(partial, factor.flip(-2, -1))
+    # The composition is linear in the last factor: one column per entry of it.
+    basis = torch.eye(mid * 9, dtype=torch.float64).reshape(mid * 9, mid, 3, 3)
+    system = compose_kernels(partial, basis.flip(-2, -1)).reshape(mid * 9, -1).T
+    target = kernel.reshape(cout, -1).T
+    solution = torch.linalg.lstsq(system, target, driver='gelsd').solution
+    residual = (system @ solution - target).abs().max() / target.abs().max().clamp_min(1e-300)
+    if residual > FACTOR_TOLERANCE:
+        raise ExpansionError(f'could not factor the {k}x{k} kernel into 3x3 kernels '
+                             f'(relative residual {residual:.2e})')
+    return fixed + [solution.T.reshape(cout, mid, 3, 3)]

@@ -10,6 +10,7 @@ training checkpoints map by key renaming. The helper tensors (identity, frequenc
 non-persistent (or computed on the fly) here: they do not belong in checkpoints.
 """
 import contextlib
+import copy
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -18,12 +19,21 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from torch import Tensor
 
+from ...errors import ExpansionError
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from . import orepa_function as fn
-from .base import ReparamBlock, build_bn
+from .base import ReparamBlock, build_bn, put, put_bn
 from .branches import RepVGGBlock
-from .fuse import compose_kernels, frequency_prior, fuse_bn, identity_kernel
+from .fuse import (
+    FACTOR_TOLERANCE,
+    Affine,
+    compose_kernels,
+    factor_into_3x3,
+    frequency_prior,
+    fuse_bn,
+    identity_kernel,
+)
 
 #: Initial branch scales of the official OREPA block (rows of ``vector``).
 OREPA_VECTOR_INIT = dict(origin=0.25, avg=0.25, prior=0.0, conv1x1_kxk=0.5, conv1x1=1.0,
@@ -112,6 +122,13 @@ class OREPAGeneratorMixin:
         """
         return frequency_prior(self.gen_out_channels, self.gen_kernel_size,
                                dtype=self.vector.dtype, device=self.vector.device)
+
+    def origin_state(self, kernel: Tensor) -> Dict[str, Tensor]:
+        """The generator's tensors that make it generate ``kernel``: the kernel in the
+        origin branch (its ``vector`` row 1), every other branch scaled by 0."""
+        vector = torch.zeros(len(self.branch_names), kernel.shape[0], dtype=torch.float64)
+        vector[self.branch_names.index('origin')] = 1
+        return {'weight_orepa_origin': kernel, 'vector': vector}
 
     def generate_kernel(self) -> Tensor:
         """The generated ``(out, in/groups, k, k)`` kernel (differentiable).
@@ -216,6 +233,21 @@ class GeneratedKernelBlock(ReparamBlock):
         """The generated kernel with the BN folded in."""
         return fuse_bn(self.generate_kernel(), self.bn)
 
+    def kernel_and_affine(self) -> Tuple[Tensor, Affine]:
+        """The generated kernel and the BN (kept as it is)."""
+        if self.reparam_conv is not None:
+            return super().kernel_and_affine()
+        return self.generate_kernel(), Affine.of(self.bn)
+
+    def _expand_branches(self, state: Dict[str, Tensor], kernel: Tensor,
+                         affine: Affine) -> None:
+        state.update(self._generator_state(kernel))
+        put_bn(state, 'bn.', self.bn, affine)
+
+    def _generator_state(self, kernel: Tensor) -> Dict[str, Tensor]:
+        """The generator tensors with which :meth:`generate_kernel` gives ``kernel``."""
+        raise NotImplementedError
+
 
 class OREPAKernel(OREPAGeneratorMixin, nn.Module):
     """An OREPA kernel generator on its own (no convolution, no BN).
@@ -248,6 +280,7 @@ class OREPA(OREPAGeneratorMixin, GeneratedKernelBlock):
             :data:`OREPA_VECTOR_INIT`. Defaults to None.
         Others: see :class:`ReparamBlock`.
     """
+    state_markers = ('weight_orepa_origin', )
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
@@ -265,6 +298,9 @@ class OREPA(OREPAGeneratorMixin, GeneratedKernelBlock):
                              vector_init=vector_init)
         self.bn = build_bn(norm_cfg, out_channels)
 
+    def _generator_state(self, kernel: Tensor) -> Dict[str, Tensor]:
+        return self.origin_state(kernel)
+
 
 @MODELS.register_module()
 class OREPA1x1(GeneratedKernelBlock):
@@ -276,6 +312,7 @@ class OREPA1x1(GeneratedKernelBlock):
     """
     _supports_groups = False
     _batched_kernel: Optional[Tensor] = None  # see OREPAGeneratorMixin
+    state_markers = ('weight_or1x1_origin', )
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
                  stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
@@ -314,6 +351,11 @@ class OREPA1x1(GeneratedKernelBlock):
             return self._batched_kernel
         return self.generate_batch([self])[0]
 
+    def _generator_state(self, kernel: Tensor) -> Dict[str, Tensor]:
+        vector = torch.zeros(2, self.out_channels, dtype=torch.float64)
+        vector[0] = 1  # the plain 1x1 only; the product branch scaled by 0
+        return {'weight_or1x1_origin': kernel, 'vector': vector}
+
     def batch_key(self) -> Optional[tuple]:
         """Blocks with the same key generate their kernels as one batch; None once folded."""
         origin = getattr(self, 'weight_or1x1_origin', None)
@@ -349,6 +391,7 @@ class OREPALargeConv(GeneratedKernelBlock):
     meaning. Groups are not supported. See :class:`ReparamBlock` for the arguments.
     """
     _supports_groups = False
+    state_markers = ('weight0.weight_orepa_origin', )
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7,
                  stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
@@ -376,6 +419,21 @@ class OREPALargeConv(GeneratedKernelBlock):
             kernel = compose_kernels(kernel, getattr(self, f'weight{i}')().flip(-2, -1))
         return kernel
 
+    def _generator_state(self, kernel: Tensor) -> Dict[str, Tensor]:
+        """Generators whose composition is ``kernel`` (:func:`~.fuse.factor_into_3x3`),
+        checked by generating the kernel from them."""
+        state = {}
+        factors = factor_into_3x3(kernel, self.num_generators, self.out_channels)
+        for i, factor in enumerate(factors):
+            put(state, f'weight{i}.', getattr(self, f'weight{i}').origin_state(factor))
+        probe = copy.deepcopy(self).to('cpu', torch.float64)
+        probe.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            error = (probe.generate_kernel() - kernel).abs().max() / kernel.abs().max()
+        if error > FACTOR_TOLERANCE:
+            raise ExpansionError(f'OREPALargeConv expansion is off by {error:.2e} (relative)')
+        return state
+
 
 @MODELS.register_module()
 class OREPAVGGBlock(RepVGGBlock):
@@ -385,6 +443,7 @@ class OREPAVGGBlock(RepVGGBlock):
     without its own ``1x1`` branch (RepVGG has one), initialised as in the official
     ``OREPA_3x3_RepVGG``. Arguments as :class:`RepVGGBlock`.
     """
+    state_markers = ('rbr_dense.weight_orepa_origin', )
 
     def _build_linear_branches(self):
         super()._build_linear_branches()
@@ -393,6 +452,9 @@ class OREPAVGGBlock(RepVGGBlock):
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
             self.dilation, self.groups, self.norm_cfg, act_cfg=None,
             internal_channels_1x1_3x3=internal, with_conv1x1=False, kaiming_a=1.0)
+
+    def _expand_dense(self, state: Dict[str, Tensor], kernel: Tensor, affine: Affine) -> None:
+        put(state, 'rbr_dense.', self.rbr_dense.expansion_state(kernel, affine))
 
 
 #: The modules whose kernels :func:`batched_kernel_generation` generates in batches.

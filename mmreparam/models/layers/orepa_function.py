@@ -67,10 +67,10 @@ class TorchPasses:
 
     @staticmethod
     def combine(origin: Tensor, v0: Tensor, coef: Tensor, v_coef: Tensor, pattern: Tensor,
-                seq_t: Tensor, v_seq: Tensor, pw: Tensor, dw: Tensor, v5: Tensor,
+                seq_t: Tensor, v_seq: Tensor, pw: Tensor, dw: Tensor, v_dwpw: Tensor,
                 groups: int) -> Tensor:
         """The kernel ``(o, ig, kk)``: ``v0 * origin + (v_coef^T * coef)^T @ pattern +
-        v_seq * seq_t^T + v5 * (pw (x) dw)``."""
+        v_seq * seq_t^T + v_dwpw * (pw (x) dw)``."""
         o, ig, kk = origin.shape
         g, og, mult = groups, o // groups, pw.shape[1] // ig
         kernel = origin * v0.reshape(o, 1, 1)
@@ -79,14 +79,14 @@ class TorchPasses:
         # depthwise -> pointwise: per (group, input channel), (og, mult) @ (mult, kk).
         pw_p = pw.reshape(g, og, ig, mult).transpose(1, 2).reshape(g * ig, og, mult)
         dwpw = torch.bmm(pw_p, dw.reshape(g * ig, mult, kk)).reshape(g, ig, og, kk)
-        kernel.reshape(g, og, ig, kk).addcmul_(dwpw.transpose(1, 2), v5.reshape(g, og, 1, 1))
+        kernel.reshape(g, og, ig, kk).addcmul_(dwpw.transpose(1, 2), v_dwpw.reshape(g, og, 1, 1))
         return kernel
 
     @staticmethod
     def grad_pass(grad: Tensor, origin: Tensor, v0: Tensor, coef: Tensor, v_coef: Tensor,
-                  pattern: Tensor, pw: Tensor, dw: Tensor, v5: Tensor, groups: int):
+                  pattern: Tensor, pw: Tensor, dw: Tensor, v_dwpw: Tensor, groups: int):
         """From the kernel gradient ``grad (o, ig, kk)``: the gradients of ``origin``, ``v0``,
-        ``coef``, ``v_coef``, ``pw``, ``dw`` and ``v5``, and ``grad`` transposed to
+        ``coef``, ``v_coef``, ``pw``, ``dw`` and ``v_dwpw``, and ``grad`` transposed to
         ``(o, kk, ig)``."""
         o, ig, kk = origin.shape
         g, og, mult = groups, o // groups, pw.shape[1] // ig
@@ -101,8 +101,8 @@ class TorchPasses:
         u = torch.bmm(grad_p, dw.reshape(g * ig, mult, kk).transpose(1, 2))
         u = u.reshape(g, ig, og, mult)
         g_v5 = (u * pw_p).sum(dim=(1, 3)).reshape(o)
-        g_pw = _scaled(u, v5.reshape(g, 1, og, 1), (g, og, ig, mult), (0, 2, 1, 3))
-        pw_s = (pw_p * v5.reshape(g, 1, og, 1)).reshape(g * ig, og, mult)
+        g_pw = _scaled(u, v_dwpw.reshape(g, 1, og, 1), (g, og, ig, mult), (0, 2, 1, 3))
+        pw_s = (pw_p * v_dwpw.reshape(g, 1, og, 1)).reshape(g * ig, og, mult)
         g_dw = torch.bmm(pw_s.transpose(1, 2), grad_p).reshape(dw.shape)
         return g_origin, g_v0, g_coef, g_v_coef, g_pw.reshape(pw.shape), g_dw, g_v5, grad_t
 
@@ -140,16 +140,16 @@ class CPUPasses:
         return _ext.scaled_transpose(x.contiguous(), v.contiguous())
 
     @staticmethod
-    def combine(origin, v0, coef, v_coef, pattern, seq_t, v_seq, pw, dw, v5, groups):
+    def combine(origin, v0, coef, v_coef, pattern, seq_t, v_seq, pw, dw, v_dwpw, groups):
         """See :meth:`TorchPasses.combine`."""
         return _ext.orepa_combine(*(t.contiguous() for t in (
-            origin, v0, coef, v_coef, pattern, seq_t, v_seq, pw, dw, v5)), groups)
+            origin, v0, coef, v_coef, pattern, seq_t, v_seq, pw, dw, v_dwpw)), groups)
 
     @staticmethod
-    def grad_pass(grad, origin, v0, coef, v_coef, pattern, pw, dw, v5, groups):
+    def grad_pass(grad, origin, v0, coef, v_coef, pattern, pw, dw, v_dwpw, groups):
         """See :meth:`TorchPasses.grad_pass`."""
         return tuple(_ext.orepa_grad_pass(*(t.contiguous() for t in (
-            grad, origin, v0, coef, v_coef, pattern, pw, dw, v5)), groups))
+            grad, origin, v0, coef, v_coef, pattern, pw, dw, v_dwpw)), groups))
 
     @staticmethod
     def seq_pass(u, conv2, v):
@@ -239,7 +239,8 @@ def orepa_kernel_grads(passes, needs, grad: Tensor, origin: Tensor, v_origin: Te
 
 
 class OREPAKernelFunction(torch.autograd.Function):
-    """``K = v0*W + sum_q vq * (Cq (x) Pq) + v3 * (E (x) D) + v5 * (PW (x) DW)``: one generator.
+    """``K = v0*W + sum_q vq * (Cq (x) Pq) + v3 * (E (x) D) + v_dwpw * (PW (x) DW)``: one
+    generator.
 
     Shapes (``o`` outputs, ``g`` groups, ``ig``/``og``/``mg`` per-group input/output/internal
     channels, ``m`` mult of the depthwise branch, ``kk = k * k``):

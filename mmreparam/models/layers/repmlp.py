@@ -17,7 +17,7 @@ from torch import Tensor
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from .base import Foldable, build_bn
-from .branches import ConvModuleBN
+from .branches import ConvBNBranch
 from .fuse import conv_to_fc, fuse_bn, fuse_preceding_bn, pad_kernel
 
 Size2 = Union[int, Tuple[int, int]]
@@ -261,7 +261,7 @@ class RepMLPBlock(BaseModule):
         if not deploy:
             for k in kernels:
                 self.add_module(f'repconv{k}',
-                                ConvModuleBN(in_channels, out_channels, k, norm_cfg,
+                                ConvBNBranch(in_channels, out_channels, k, norm_cfg,
                                              padding=k // 2, groups=groups))
 
     @property

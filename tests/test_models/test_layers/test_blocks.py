@@ -19,9 +19,12 @@ from mmreparam.models.layers import (
     OREPA1x1,
     OREPALargeConv,
     OREPAVGGBlock,
+    QARepVGGBlock,
     ReparamBlock,
     RepVGGBlock,
 )
+from mmreparam.models.layers.base import block_type_of_state, block_types
+from mmreparam.models.layers.fuse import Affine
 from mmreparam.testing import randomize_bn, randomize_parameters
 
 # block -> (supported kernel sizes, supports groups)
@@ -30,6 +33,7 @@ BLOCKS = {
     ACB: ((3, 5, 7), True),
     DBB: ((3, 5, 7), True),
     RepVGGBlock: ((3, 5, 7), True),
+    QARepVGGBlock: ((3, 5, 7), True),
     OREPAVGGBlock: ((3, 5, 7), True),
     OREPA: ((1, 3, 5, 7), True),
     OREPA1x1: ((1, ), False),
@@ -51,7 +55,7 @@ def block_configs(draw, block):
         groups=groups)
     if draw(st.booleans()):
         cfg['act_cfg'] = dict(type='ReLU')
-    if block in (RepVGGBlock, OREPAVGGBlock) and draw(st.booleans()):
+    if block in (RepVGGBlock, QARepVGGBlock, OREPAVGGBlock) and draw(st.booleans()):
         cfg['use_se'] = True
         cfg['se_ratio'] = 1
     return cfg
@@ -186,3 +190,76 @@ def test_orepa_starts_from_official_branch_scales():
 def test_all_blocks_share_the_protocol():
     for block in BLOCKS:
         assert issubclass(block, ReparamBlock)
+    assert set(block_types()) == set(BLOCKS)
+
+
+def random_affine(channels, with_bn, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(low=-1.0, high=1.0):
+        return torch.rand(channels, generator=gen, dtype=torch.float64) * (high - low) + low
+
+    if not with_bn:
+        return Affine(draw())
+    return Affine(draw(), draw(0.5, 2.0), draw(), draw(0.5, 2.0), 1e-3)
+
+
+def check_expansion(block, cfg, with_bn):
+    """``expansion_state(kernel, affine)`` makes the block compute ``affine(conv(x, kernel))``
+    (with its own SE and activation after it); the other branches keep their weights."""
+    module = make_block(block, cfg)
+    shape = module.get_equivalent_kernel_bias()[0].shape
+    gen = torch.Generator().manual_seed(1)
+    kernel = torch.randn(shape, generator=gen, dtype=torch.float64)
+    affine = random_affine(cfg['out_channels'], with_bn, seed=2)
+    state = module.expansion_state(kernel, affine)
+    assert set(state) == set(module.state_dict())
+    expanded = copy.deepcopy(module)
+    expanded.load_state_dict(state)
+    expected = block(**cfg, deploy=True).double().eval()
+    weight, bias = affine.fold_into(kernel)
+    expected.load_state_dict(dict({k: v for k, v in state.items() if k.startswith('se.')},
+                                  **{'reparam_conv.weight': weight, 'reparam_conv.bias': bias}))
+    size = 2 * cfg['dilation'] * (cfg['kernel_size'] // 2) + 5
+    x = torch.randn(2, cfg['in_channels'], size, size + 1, dtype=torch.float64)
+    with torch.no_grad():
+        err = relative_error(expected(x), expanded(x))
+        k_eq, b_eq = expanded.get_equivalent_kernel_bias()
+    assert err <= TOL[torch.float64], f'{block.__name__} {cfg}: relative error {err:.3g}'
+    assert torch.allclose(k_eq, weight, rtol=0, atol=1e-10 * weight.abs().max())
+    assert torch.allclose(b_eq, bias, rtol=0, atol=1e-10 * bias.abs().max())
+    # The round trip through the block's own reduction gives the same function back.
+    k_back, a_back = expanded.kernel_and_affine()
+    w_back, b_back = a_back.fold_into(k_back)
+    assert torch.allclose(w_back, weight, rtol=0, atol=1e-10 * weight.abs().max())
+    assert torch.allclose(b_back, bias, rtol=0, atol=1e-10 * bias.abs().max())
+    # A folded block takes the folded kernel and bias.
+    folded = copy.deepcopy(module).fold()
+    folded_state = folded.expansion_state(kernel, affine)
+    assert torch.equal(folded_state['reparam_conv.weight'], weight)
+    assert torch.equal(folded_state['reparam_conv.bias'], bias)
+    # The block's state is recognised as its own type.
+    assert block_type_of_state(module.state_dict()) is block
+
+
+@pytest.mark.parametrize('with_bn', [True, False], ids=['bn', 'bias'])
+@pytest.mark.parametrize('block', list(BLOCKS), ids=lambda b: b.__name__)
+def test_expansion_is_exact(block, with_bn):
+
+    @given(cfg=block_configs(block))
+    @example(cfg=dict(in_channels=4, out_channels=4, kernel_size=BLOCKS[block][0][-1], stride=1,
+                      dilation=1, groups=1))
+    def run(cfg):
+        if block is OREPALargeConv and cfg['out_channels'] < cfg['in_channels'] * 9:
+            cfg = dict(cfg, out_channels=cfg['in_channels'] * 9)  # room for the factors
+        check_expansion(block, cfg, with_bn)
+
+    run()
+
+
+def test_qarepvgg_has_no_side_branch_norms():
+    block = QARepVGGBlock(4, 4, 3)
+    assert isinstance(block.rbr_1x1, torch.nn.Conv2d) and block.rbr_1x1.bias is None
+    assert block.has_identity and not hasattr(block, 'rbr_identity')
+    assert set(block.state_dict()) >= {'bn.weight', 'rbr_dense.bn.weight', 'rbr_1x1.weight'}
+    assert not QARepVGGBlock(4, 8, 3).has_identity

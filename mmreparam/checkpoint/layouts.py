@@ -1,0 +1,193 @@
+"""The checkpoint layouts of other code bases, renamed to mmreparam's keys.
+
+One renamer per layout: the official OREPA / DBB ResNets (``stage0.conv1`` ...), the
+official RepVGG / OREPA-VGG (``stage0`` ...), mmpretrain's RepVGG and plain ResNets
+(torchvision / mmdet / mmpretrain). Every piece of knowledge about a foreign layout's names
+lives here; what a block's own keys mean lives with the block.
+"""
+import re
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..models.layers.fuse import identity_kernel
+from .reading import StateDict
+
+#: The official deploy-form conv of each block, and the ``reparam`` it comes from (None:
+#: the layout tells it otherwise).
+OFFICIAL_DEPLOY_CONVS = {'orepa_reparam': 'OREPA', 'or1x1_reparam': 'OREPA',
+                         'or_large_reparam': 'OREPA', 'dbb_reparam': 'DBB',
+                         'fused_conv': 'ACB', 'rbr_reparam': None}
+_OFFICIAL_DEPLOY = tuple(OFFICIAL_DEPLOY_CONVS)
+
+Renamed = Tuple[StateDict, List[str]]  # state_dict in mmreparam names, ignored keys
+
+_OFFICIAL_UNIT = re.compile(r'^stage([1-9]\d*)\.(\d+)\.(conv\d|shortcut)\.(.+)$')
+_OFFICIAL_VGG_UNIT = re.compile(r'^stage([1-9]\d*)\.(\d+)\.(.+)$')
+_OFFICIAL_BUFFERS = {'id_tensor', 'weight_orepa_avg_avg', 'weight_orepa_prior',
+                     'weight_rbr_avg_avg', 'weight_rbr_prior'}
+_DEPLOY_NAME = re.compile(r'(^|\.)(' + '|'.join(_OFFICIAL_DEPLOY) + r')\.')
+_PLAIN_UNIT = re.compile(r'^(layer\d+\.\d+)\.(conv|bn)(\d)\.(.+)$')
+_PLAIN_DOWNSAMPLE = re.compile(r'^(layer\d+\.\d+)\.downsample\.(\d+)\.(.+)$')
+# mmdet's deep stem (conv, norm, ReLU) x 3; mmpretrain's ``stem.N.conv`` / ``stem.N.bn``
+# already has mmreparam's names.
+_PLAIN_DEEP_STEM = re.compile(
+    r'^stem\.(\d+)\.(weight|bias|running_mean|running_var|num_batches_tracked)$')
+
+
+def official_block_key(key: str) -> str:
+    """An official block-level key in mmreparam's names (names only, values unchanged)."""
+    return _DEPLOY_NAME.sub(r'\1reparam_conv.', key).replace('weight_rbr_', 'weight_orepa_')
+
+
+def _downsample_index(model: nn.Module, unit: str) -> int:
+    """Index of the conv block in the model's ``unit.downsample`` (1 after an AvgPool)."""
+    try:
+        downsample = model.get_submodule(f'{unit}.downsample')
+    except AttributeError:
+        return 0
+    return len(downsample) - 1 if isinstance(downsample, nn.Sequential) else 0
+
+
+def _interleaved_pw_to_natural(pw: Tensor, groups: int) -> Tensor:
+    """Reorder the rows of an official grouped OREPA ``gconv_pw``.
+
+    The official ``dwsc2full`` gives output channel ``c * (O/g) + a`` the pw row
+    ``a * g + c``; mmreparam uses the natural row ``c * (O/g) + a``.
+    """
+    out = pw.shape[0]
+    per_group = out // groups
+    rows = (torch.arange(per_group).reshape(1, -1) * groups
+            + torch.arange(groups).reshape(-1, 1)).reshape(-1)
+    return pw[rows]
+
+
+def _official_block_params(state: StateDict, ignored: List[str],
+                           interleaved_pw: bool) -> Renamed:
+    """Map the official block-level names and values to mmreparam's."""
+    out = {}
+    for key, value in state.items():
+        if key.rsplit('.', 1)[-1] in _OFFICIAL_BUFFERS:
+            ignored.append(key)
+            continue
+        out[official_block_key(key)] = value
+    for key in [k for k in out if k == 'conv.bias' or k.endswith('.conv.bias')]:
+        block = key[:-len('conv.bias')]  # an official deploy-form ConvBN
+        if block + 'bn.running_var' not in out and block + 'conv.weight' in out:
+            out[block + 'reparam_conv.weight'] = out.pop(block + 'conv.weight')
+            out[block + 'reparam_conv.bias'] = out.pop(key)
+    for key in [k for k in out if k.endswith('weight_orepa_1x1_kxk_conv1')]:
+        # OREPA-VGG's plain 1x1 of the 1x1-kxk branch: ours is an offset from the identity.
+        conv1 = out.pop(key)
+        out[key[:-len('conv1')] + 'idconv1'] = conv1 - identity_kernel(
+            conv1.shape[0], 1, in_channels=conv1.shape[1], dtype=conv1.dtype)
+    for key in [k for k in out if k.endswith('rbr_dense.vector')]:
+        out[key] = out[key][:5]  # OREPA-VGG's 6th row is never initialised nor used
+    if interleaved_pw:
+        for key in [k for k in out if k.endswith('weight_orepa_gconv_pw')]:
+            dw = out.get(key[:-len('pw')] + 'dw')
+            groups = dw.shape[0] // out[key].shape[1] if dw is not None else 1
+            if groups > 1:
+                out[key] = _interleaved_pw_to_natural(out[key], groups)
+    return out, ignored
+
+
+def _rename_official_resnet(state: StateDict, model: nn.Module) -> Renamed:
+    renamed, ignored = {}, []
+    for key, value in state.items():
+        unit = _OFFICIAL_UNIT.match(key)
+        if key.startswith('linear.'):
+            ignored.append(key)
+            continue
+        if key.startswith('stage0.conv1.'):
+            key = 'stem.' + key[len('stage0.conv1.'):]
+        elif unit:
+            stage, index, part, rest = unit.groups()
+            name = f'layer{stage}.{index}'
+            if part == 'shortcut':
+                part = f'downsample.{_downsample_index(model, name)}'
+            key = f'{name}.{part}.{rest}'
+        renamed[key] = value
+    return _official_block_params(renamed, ignored, interleaved_pw=True)
+
+
+def _rename_official_repvgg(state: StateDict, model: nn.Module) -> Renamed:
+    renamed, ignored = {}, []
+    for key, value in state.items():
+        unit = _OFFICIAL_VGG_UNIT.match(key)
+        if key.startswith('linear.'):
+            ignored.append(key)
+            continue
+        if key.startswith('stage0.'):
+            key = 'stem.' + key[len('stage0.'):]
+        elif unit:
+            key = 'stage_{}.{}.{}'.format(*unit.groups())
+        renamed[key] = value
+    return _official_block_params(renamed, ignored, interleaved_pw=False)
+
+
+def _rename_mmpretrain_repvgg(state: StateDict, model: nn.Module) -> Renamed:
+    names = {'branch_3x3': 'rbr_dense', 'branch_1x1': 'rbr_1x1', 'branch_norm': 'rbr_identity',
+             'branch_reparam': 'reparam_conv'}
+    renamed = {}
+    for key, value in state.items():
+        key = key.replace('se_layer.conv1.conv.', 'se.down.').replace(
+            'se_layer.conv2.conv.', 'se.up.')
+        parts = key.split('.')
+        for i, part in enumerate(parts):
+            if part == 'norm' and i and parts[i - 1] in ('rbr_dense', 'rbr_1x1'):
+                parts[i] = 'bn'
+            else:
+                parts[i] = names.get(part, part)
+        renamed['.'.join(parts)] = value
+    return renamed, []
+
+
+def _rename_plain_resnet(state: StateDict, model: nn.Module) -> Renamed:
+    renamed, ignored = {}, []
+    # The conv of each plain downsample is the entry with a 4-d weight (after an AvgPool
+    # in mmdet's ResNetV1d); the norm follows it.
+    conv_index = {}
+    for key, value in state.items():
+        down = _PLAIN_DOWNSAMPLE.match(key)
+        if down and down.group(3) == 'weight' and value.dim() == 4:
+            conv_index[down.group(1)] = int(down.group(2))
+    for key, value in state.items():
+        unit, down, stem = (_PLAIN_UNIT.match(key), _PLAIN_DOWNSAMPLE.match(key),
+                            _PLAIN_DEEP_STEM.match(key))
+        if key.startswith('fc.'):
+            ignored.append(key)
+            continue
+        if key.startswith('conv1.'):
+            key = 'stem.conv.' + key[len('conv1.'):]
+        elif key.startswith('bn1.'):
+            key = 'stem.bn.' + key[len('bn1.'):]
+        elif stem and int(stem.group(1)) % 3 != 2:  # conv, norm, ReLU per stem layer
+            index = int(stem.group(1))
+            role = 'conv' if index % 3 == 0 else 'bn'
+            key = f'stem.{index // 3}.{role}.{stem.group(2)}'
+        elif unit:
+            name, kind, number, rest = unit.groups()
+            key = f'{name}.conv{number}.{kind}.{rest}'
+        elif down and down.group(1) in conv_index:
+            name, index, rest = down.group(1), int(down.group(2)), down.group(3)
+            role = {conv_index[name]: 'conv', conv_index[name] + 1: 'bn'}.get(index)
+            if role:
+                key = f'{name}.downsample.{_downsample_index(model, name)}.{role}.{rest}'
+        renamed[key] = value
+    return renamed, ignored
+
+
+#: The renamer of each layout :func:`~.formats.detect_format` recognises.
+RENAMERS: Dict[str, Callable[[StateDict, nn.Module], Renamed]] = {
+    'mmreparam': lambda state, model: (dict(state), []),
+    'official_resnet': _rename_official_resnet,
+    'official_repvgg': _rename_official_repvgg,
+    'mmpretrain_repvgg': _rename_mmpretrain_repvgg,
+    'plain_resnet': _rename_plain_resnet,
+}
+
+
+__all__ = ['OFFICIAL_DEPLOY_CONVS', 'RENAMERS', 'official_block_key']
