@@ -1,13 +1,17 @@
-"""Convert a checkpoint (official OREPA / DBB / RepVGG, mmpretrain, torchvision, mmdet) into
-mmreparam's layout for one backbone.
+"""Convert a checkpoint (official OREPA / DBB / RepVGG / RepMLP-ResNet, mmpretrain, torchvision,
+mmdet) into mmreparam's layout for one backbone.
 
     python tools/convert.py ResNet-50_OREPA.pth.tar r50_orepa.pth --arch ResNet-50
     python tools/convert.py resnet50-0676ba61.pth r50_dbb.pth --arch ResNet-50 --reparam DBB
     python tools/convert.py RepVGG-A0-train.pth a0_deploy.pth --arch RepVGG-A0 --deploy
+    python tools/convert.py RepMLP-Res50-light-224_train.pth light.pth \
+        --arch RepMLP-Res50-light-224 --deploy
 
 The output is ``{'state_dict': <backbone state_dict>, 'meta': {...}}``, loadable with
 ``init_cfg=dict(type='Pretrained', checkpoint=DST)`` on the same backbone. ``--reparam``
-defaults to the blocks the checkpoint was trained with (required for plain ResNets).
+defaults to the blocks the checkpoint was trained with (required for plain ResNets). A
+train-form RepMLP-ResNet is converted with ``--deploy`` by loading it as trained and folding
+it (the loader converts conv blocks between the forms, not RepMLP units).
 """
 import argparse
 import os
@@ -17,10 +21,10 @@ import sys
 from mmreparam import __version__
 from mmreparam.checkpoint import CheckpointError, detect_format, load_pretrained, read_state_dict
 from mmreparam.fileio import save_checkpoint_atomic
-from mmreparam.models import RepVGG, ResNet
+from mmreparam.models import RepMLPResNet, RepVGG, ResNet
 from mmreparam.utils import parse_key_values, run_cli
 
-BACKBONES = dict(ResNet=ResNet, RepVGG=RepVGG)
+BACKBONES = dict(ResNet=ResNet, RepVGG=RepVGG, RepMLPResNet=RepMLPResNet)
 
 
 def parse_args(argv=None):
@@ -30,7 +34,8 @@ def parse_args(argv=None):
     parser.add_argument('dst', help='output file')
     parser.add_argument('--arch', required=True,
                         help='ResNet-{18,34,50,101,152}, ResNeXt-{50,101}[-GxWd], '
-                        'ResNetV1c-N, ResNetV1d-N or RepVGG-{A0,...,D2se}')
+                        'ResNetV1c-N, ResNetV1d-N, RepVGG-{A0,...,D2se} or '
+                        'RepMLP-Res50-{light,bottleneck}[-224]')
     parser.add_argument('--reparam', default=None,
                         help='block type (base, ACB, DBB, OREPA, RepVGG, OREPA_VGG); '
                         'defaults to the one of the checkpoint')
@@ -47,6 +52,8 @@ def backbone_cfg(arch: str, reparam: str, deploy: bool, extra: dict) -> dict:
     resnet = re.fullmatch(r'(?i)resnet(v1c|v1d)?-?(\d+)', arch)
     resnext = re.fullmatch(r'(?i)resnext-?(\d+)(?:-(\d+)x(\d+)d)?', arch)
     repvgg = re.fullmatch(r'(?i)repvgg-?(\w+)', arch)
+    repmlp = re.fullmatch(r'(?i)repmlp[-_]?res(?:net)?[-_]?50[-_](light|bottleneck)(?:[-_]224)?',
+                          arch)
     if resnet:
         variant, depth = resnet.groups()
         cfg = dict(type='ResNet', depth=int(depth))
@@ -59,6 +66,8 @@ def backbone_cfg(arch: str, reparam: str, deploy: bool, extra: dict) -> dict:
     elif repvgg:
         name = repvgg.group(1)
         cfg = dict(type='RepVGG', arch=name[0].upper() + name[1:].lower())
+    elif repmlp:
+        cfg = dict(type='RepMLPResNet', arch=repmlp.group(1).lower())
     else:
         raise ValueError(f'unknown --arch {arch!r}')
     return dict(cfg, reparam=reparam, deploy=deploy, **extra)
@@ -72,8 +81,13 @@ def convert(args) -> None:
     if reparam is None:
         raise ValueError(f'{fmt.description} does not say which blocks to use: pass --reparam')
     cfg = backbone_cfg(args.arch, reparam, args.deploy, parse_key_values(args.set))
-    model = BACKBONES[cfg['type']](**{k: v for k, v in cfg.items() if k != 'type'})
+    # RepMLP units are not converted between the forms when loading: fold after loading.
+    fold = args.deploy and cfg['type'] == 'RepMLPResNet' and fmt.folded is False
+    kwargs = {k: v for k, v in cfg.items() if k != 'type'}
+    model = BACKBONES[cfg['type']](**dict(kwargs, deploy=cfg['deploy'] and not fold))
     report = load_pretrained(model, state, prefix='')
+    if fold:
+        model.switch_to_deploy()
     out = dict(state_dict=model.state_dict(),
                meta=dict(mmreparam_version=__version__, source=os.fspath(args.src),
                          source_format=fmt.description, prefix=prefix, backbone=cfg))

@@ -20,6 +20,9 @@ SOURCE_BN_EPS = 1e-5
 
 _PLAIN_KEY = re.compile(r'^(conv1\.weight|layer\d+\.\d+\.conv\d\.weight|stem\.\d+\.weight)$')
 _MMPRETRAIN_PARTS = {'branch_3x3', 'branch_1x1', 'branch_norm', 'branch_reparam'}
+# The RepMLP units of the official RepMLP-ResNet (DingXiaoH/RepMLP ``repmlp_blocks.py``).
+_OFFICIAL_REPMLP_UNIT = re.compile(r'^stage\d+\.\d+\.(light|btnk)_repmlp\.')
+_OFFICIAL_REPMLP_KINDS = {'light': 'Light', 'btnk': 'Bottleneck'}
 
 
 @dataclass
@@ -28,18 +31,22 @@ class CheckpointFormat:
 
     Attributes:
         name (str): 'mmreparam', 'official_resnet', 'official_repvgg',
-            'mmpretrain_repvgg', 'plain_resnet', or 'unknown' (a layout of another code
-            base that mmreparam cannot rename; the description says what it looks like).
+            'official_repmlp_resnet', 'mmpretrain_repvgg', 'plain_resnet', or 'unknown' (a
+            layout of another code base that mmreparam cannot rename; the description says
+            what it looks like).
         description (str): Human-readable, e.g. "official OREPA ResNet (train)".
         reparam (str, optional): The ``reparam`` of mmreparam that matches the checkpoint's
             blocks, None when it does not tell (plain or deploy checkpoints).
         bn_eps (float, optional): BatchNorm eps of the network that produced it; None for
             mmreparam's own checkpoints (the model's ``norm_cfg`` applies).
+        folded (bool, optional): True for a deploy-form checkpoint (folded blocks only),
+            False for a train-form one, None when it has both or does not tell.
     """
     name: str
     description: str
     reparam: Optional[str] = None
     bn_eps: Optional[float] = SOURCE_BN_EPS
+    folded: Optional[bool] = None
 
 
 def _has(keys, *markers) -> bool:
@@ -48,6 +55,10 @@ def _has(keys, *markers) -> bool:
 
 def _mode(train: bool, deploy: bool) -> str:
     return 'train and deploy' if train and deploy else 'deploy' if deploy else 'train'
+
+
+def _folded(train: bool, deploy: bool) -> Optional[bool]:
+    return None if train == deploy else deploy
 
 
 def train_blocks(keys: Iterable[str]) -> List[Tuple[str, type]]:
@@ -93,6 +104,20 @@ def _official_reparam(keys: List[str]) -> Tuple[Optional[str], bool]:
     return reparam, deploy
 
 
+def _official_repmlp_resnet(keys: List[str]) -> Optional[CheckpointFormat]:
+    """The official RepMLP-ResNet (a Sequential stem ``stage0.0``, RepMLP units), or None."""
+    kinds = {match.group(1) for match in map(_OFFICIAL_REPMLP_UNIT.match, keys) if match}
+    if 'stage0.0.conv.weight' not in keys or not kinds:
+        return None
+    train = _has(keys, '.bn.running_var')
+    deploy = _has(keys, '.conv.bias', '.fc3.bias')
+    units = ' + '.join(_OFFICIAL_REPMLP_KINDS[kind] for kind in sorted(kinds))
+    return CheckpointFormat(
+        'official_repmlp_resnet',
+        f'official RepMLP-Res50 {units} (DingXiaoH/RepMLP repmlp_resnet.py, '
+        f'{_mode(train, deploy)})', 'base', folded=_folded(train, deploy))
+
+
 def detect_format(state_dict: Mapping[str, Tensor]) -> CheckpointFormat:
     """Recognise the layout of a (prefix-stripped) state_dict.
 
@@ -101,8 +126,8 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> CheckpointFormat:
 
     Returns:
         CheckpointFormat: The layout; 'mmreparam' when no other layout matches, 'unknown'
-        for an official-style (``stage0.``) layout that is neither an OREPA / DBB ResNet
-        nor a RepVGG-style network.
+        for an official-style (``stage0.``) layout that is none of an OREPA / DBB ResNet,
+        a RepMLP-ResNet and a RepVGG-style network.
     """
     keys = list(state_dict)
     if any(key.startswith('stage0.') for key in keys):
@@ -113,24 +138,27 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> CheckpointFormat:
             return CheckpointFormat(
                 'official_resnet',
                 f'official {reparam} ResNet/ResNeXt (OREPA_CVPR2022 / DiverseBranchBlock '
-                f'layout, {_mode(train, deploy)})', reparam)
+                f'layout, {_mode(train, deploy)})', reparam, folded=_folded(train, deploy))
         if any(key.startswith('stage0.0.') for key in keys):  # a Sequential stem
-            return CheckpointFormat(
+            return _official_repmlp_resnet(keys) or CheckpointFormat(
                 'unknown', f'an unknown layout with official-style keys (e.g. '
-                f'{sorted(keys)[:3]}; the stem is a Sequential, as in the official '
-                'RepMLP-ResNet): neither an OREPA / DBB ResNet (stage0.conv1.*) nor a '
-                'RepVGG / OREPA-VGG / RepOpt-VGG (stage0.rbr_* / stage0.conv.*)')
+                f'{sorted(keys)[:3]}; the stem is a Sequential): neither an OREPA / DBB '
+                'ResNet (stage0.conv1.*), nor a RepMLP-ResNet (stage0.0.* with '
+                'stageN.M.light_repmlp.* / btnk_repmlp.* units), nor a RepVGG / OREPA-VGG / '
+                'RepOpt-VGG (stage0.rbr_* / stage0.conv.*)')
         orepa = _has(keys, 'weight_rbr_')
         train = _has(keys, 'rbr_dense.')
         name = 'OREPA-VGG' if orepa else 'RepVGG' if train else 'RepVGG / OREPA-VGG'
         return CheckpointFormat('official_repvgg',
                                 f'official {name} ({_mode(train, deploy)})',
-                                'OREPA_VGG' if orepa else 'RepVGG')
+                                'OREPA_VGG' if orepa else 'RepVGG',
+                                folded=_folded(train, deploy))
     if any(part in _MMPRETRAIN_PARTS for key in keys for part in key.split('.')):
         train = _has(keys, 'branch_3x3.')
         deploy = _has(keys, 'branch_reparam.')
         return CheckpointFormat('mmpretrain_repvgg',
-                                f'mmpretrain RepVGG ({_mode(train, deploy)})', 'RepVGG')
+                                f'mmpretrain RepVGG ({_mode(train, deploy)})', 'RepVGG',
+                                folded=_folded(train, deploy))
     if any(_PLAIN_KEY.match(key) for key in keys):
         stem = ' with deep stem' if 'stem.0.weight' in state_dict else ''
         return CheckpointFormat('plain_resnet',
@@ -138,7 +166,7 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> CheckpointFormat:
     train = _has(keys, '.bn.running_var', 'rbr_identity.', 'avgbn.')
     deploy = _has(keys, 'reparam_conv.')
     return CheckpointFormat('mmreparam', f'mmreparam ({_mode(train, deploy)})',
-                            blocks_reparam(keys), bn_eps=None)
+                            blocks_reparam(keys), bn_eps=None, folded=_folded(train, deploy))
 
 
 __all__ = ['CheckpointFormat', 'SOURCE_BN_EPS', 'blocks_reparam', 'detect_format',

@@ -1,18 +1,21 @@
 """The checkpoint layouts of other code bases, renamed to mmreparam's keys.
 
 One renamer per layout: the official OREPA / DBB ResNets (``stage0.conv1`` ...), the
-official RepVGG / OREPA-VGG (``stage0`` ...), mmpretrain's RepVGG and plain ResNets
+official RepVGG / OREPA-VGG (``stage0`` ...), the official RepMLP-ResNet (``stage0.0`` ...,
+``light_repmlp`` / ``btnk_repmlp``), mmpretrain's RepVGG and plain ResNets
 (torchvision / mmdet / mmpretrain). Every piece of knowledge about a foreign layout's names
 lives here; what a block's own keys mean lives with the block.
 """
 import re
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..errors import CheckpointError
 from ..models.layers.fuse import identity_kernel
+from ..models.layers.repmlp import RepMLPBlock
 from .reading import StateDict
 
 #: The official deploy-form conv of each block, and the ``reparam`` it comes from (None:
@@ -26,6 +29,13 @@ Renamed = Tuple[StateDict, List[str]]  # state_dict in mmreparam names, ignored 
 
 _OFFICIAL_UNIT = re.compile(r'^stage([1-9]\d*)\.(\d+)\.(conv\d|shortcut)\.(.+)$')
 _OFFICIAL_VGG_UNIT = re.compile(r'^stage([1-9]\d*)\.(\d+)\.(.+)$')
+# The official RepMLP-ResNet units (DingXiaoH/RepMLP ``repmlp_resnet.py``: BaseBlock,
+# ``repmlp_blocks.py``: RepMLPLightBlock, RepMLPBottleneckBlock) and their RepMLP's parts.
+_OFFICIAL_REPMLP_PARTS = {'light_conv1': 'conv1', 'light_repmlp': 'repmlp',
+                          'light_conv3': 'conv3', 'btnk_conv1': 'conv1', 'btnk_conv2': 'conv2',
+                          'btnk_repmlp': 'repmlp', 'btnk_conv4': 'conv4', 'btnk_conv5': 'conv5'}
+_OFFICIAL_REPMLP_GP = {'fc1_fc2.fc1.': 'gp.fc1.', 'fc1_fc2.fc2.': 'gp.fc2.',
+                       'avg.bn.': 'gp.bn.'}
 _OFFICIAL_BUFFERS = {'id_tensor', 'weight_orepa_avg_avg', 'weight_orepa_prior',
                      'weight_rbr_avg_avg', 'weight_rbr_prior'}
 _DEPLOY_NAME = re.compile(r'(^|\.)(' + '|'.join(_OFFICIAL_DEPLOY) + r')\.')
@@ -128,6 +138,77 @@ def _rename_official_repvgg(state: StateDict, model: nn.Module) -> Renamed:
     return _official_block_params(renamed, ignored, interleaved_pw=False)
 
 
+def _official_repmlp_key(rest: str) -> str:
+    """A key inside an official RepMLP in mmreparam's names: the global perceptron's
+    ``fc1_fc2.fc1`` / ``fc1_fc2.fc2`` / ``avg.bn`` are ``gp.fc1`` / ``gp.fc2`` / ``gp.bn``;
+    ``fc3``, ``fc3_bn`` and ``repconv{k}.conv`` / ``.bn`` keep their names."""
+    for official, ours in _OFFICIAL_REPMLP_GP.items():
+        if rest.startswith(official):
+            return ours + rest[len(official):]
+    return rest
+
+
+def _check_repmlp_forms(state: StateDict, model: nn.Module,
+                        source_names: Optional[Dict[str, str]] = None) -> None:
+    """Refuse a checkpoint RepMLP whose form (train / deploy) is not the model's.
+
+    The converter folds and expands conv blocks, not RepMLP units: copied by name, a RepMLP
+    of the other form would leave the model's RepMLP partly unset and partly wrong.
+
+    Args:
+        state (dict): The checkpoint in mmreparam names.
+        model (nn.Module): The model to load into.
+        source_names (dict, optional): The checkpoint's own name of each RepMLP (by
+            mmreparam name), for the message. None: the names are mmreparam's.
+    """
+    for name, block in model.named_modules():
+        if not isinstance(block, RepMLPBlock):
+            continue
+        train = f'{name}.fc3_bn.weight' in state
+        deploy = f'{name}.fc3.bias' in state
+        if train == deploy or deploy == block.folded:
+            continue
+        have, want = ('train', 'deploy') if train else ('deploy', 'train')
+        source = (source_names or {}).get(name, name)
+        raise CheckpointError(
+            f'{name}: the checkpoint has a {have}-form RepMLP here ({source}.*) and the '
+            f'model a {want}-form one; RepMLP units are not converted between the forms '
+            'when loading: load a train checkpoint into deploy=False (and fold it with '
+            'mmreparam.fold), a deploy checkpoint into deploy=True')
+
+
+def _rename_official_repmlp_resnet(state: StateDict, model: nn.Module) -> Renamed:
+    renamed, ignored = {}, []
+    official = {}  # mmreparam name of each RepMLP -> its official name
+    for key, value in state.items():
+        unit = _OFFICIAL_VGG_UNIT.match(key)
+        if key.startswith('linear.'):
+            ignored.append(key)
+            continue
+        if key.startswith('stage0.0.'):
+            key = 'stem.' + key[len('stage0.0.'):]
+        elif unit:
+            stage, index, rest = unit.groups()
+            name = f'layer{stage}.{index}'
+            part, _, rest = rest.partition('.')
+            if part == 'shortcut':
+                ours = f'downsample.{_downsample_index(model, name)}'
+            else:
+                ours = _OFFICIAL_REPMLP_PARTS.get(part, part)
+            if ours == 'repmlp':
+                rest = _official_repmlp_key(rest)
+                official[f'{name}.repmlp'] = f'stage{stage}.{index}.{part}'
+            key = f'{name}.{ours}.{rest}'
+        renamed[key] = value
+    _check_repmlp_forms(renamed, model, official)
+    return _official_block_params(renamed, ignored, interleaved_pw=False)
+
+
+def _rename_mmreparam(state: StateDict, model: nn.Module) -> Renamed:
+    _check_repmlp_forms(state, model)
+    return dict(state), []
+
+
 def _rename_mmpretrain_repvgg(state: StateDict, model: nn.Module) -> Renamed:
     names = {'branch_3x3': 'rbr_dense', 'branch_1x1': 'rbr_1x1', 'branch_norm': 'rbr_identity',
              'branch_reparam': 'reparam_conv'}
@@ -182,9 +263,10 @@ def _rename_plain_resnet(state: StateDict, model: nn.Module) -> Renamed:
 
 #: The renamer of each layout :func:`~.formats.detect_format` recognises.
 RENAMERS: Dict[str, Callable[[StateDict, nn.Module], Renamed]] = {
-    'mmreparam': lambda state, model: (dict(state), []),
+    'mmreparam': _rename_mmreparam,
     'official_resnet': _rename_official_resnet,
     'official_repvgg': _rename_official_repvgg,
+    'official_repmlp_resnet': _rename_official_repmlp_resnet,
     'mmpretrain_repvgg': _rename_mmpretrain_repvgg,
     'plain_resnet': _rename_plain_resnet,
 }
