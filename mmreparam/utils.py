@@ -1,11 +1,22 @@
 """Small shared helpers and type aliases."""
 import ast
+import contextlib
 from typing import Any, Callable, Optional, Tuple, Type, Union
 
+import torch
 from mmengine.config import ConfigDict
 
 ConfigType = Union[dict, ConfigDict]
 OptConfigType = Optional[ConfigType]
+
+
+def autocast_off(device_type: str):
+    """A context that turns autocast off on ``device_type`` (kernels are generated and folded
+    in the parameters' precision); a no-op where autocast does not exist (e.g. ``meta``)."""
+    available = getattr(torch.amp, 'is_autocast_available', None)  # torch >= 2.4
+    if available(device_type) if available else device_type in ('cpu', 'cuda'):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def pretrained_init(init_cfg: Any) -> Optional[dict]:

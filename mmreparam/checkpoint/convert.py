@@ -8,6 +8,8 @@ block for the model at hand:
 - the official OREPA / DBB ResNets and ResNeXts (JUGGHM/OREPA_CVPR2022,
   DingXiaoH/DiverseBranchBlock; ``stage0.conv1`` ... ``linear``), train or deploy;
 - the official RepVGG (DingXiaoH/RepVGG) and OREPA-VGG, train or deploy;
+- the official RepMLP-ResNets (DingXiaoH/RepMLP ``repmlp_resnet.py``, light and
+  bottleneck), train or deploy, into the same form;
 - mmpretrain's RepVGG (``branch_3x3`` / ``branch_1x1`` / ``branch_norm`` /
   ``branch_reparam``), usually a whole classifier under ``backbone.``;
 - plain ResNets in torchvision / mmdet / mmpretrain layout (``conv1``, ``bn1``,

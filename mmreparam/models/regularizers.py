@@ -43,7 +43,6 @@ and 3.2 s (OREPA); a step at batch 2 of 64x64 took 0.79 / 1.5 / 4.1 s without it
 2.0 / 3.6 / 7.9 s with it. At batch 2 of 224x224 the 'base' step went from 5.6 to 6.5 s
 (+15%); with real batch sizes the conv work grows and the term does not.
 """
-import contextlib
 import math
 from typing import List, Union
 
@@ -53,7 +52,7 @@ from mmengine.logging import print_log
 from torch import Tensor
 
 from ..registry import MODELS
-from ..utils import ConfigType
+from ..utils import ConfigType, autocast_off
 from .layers import ReparamBlock
 
 __all__ = ['equivalent_kernel_blocks', 'equivalent_kernel_l2', 'EquivalentKernelL2Loss',
@@ -92,15 +91,6 @@ def equivalent_kernel_blocks(model: nn.Module) -> List[ReparamBlock]:
     return blocks
 
 
-def _autocast_off(device_type: str):
-    """Autocast turned off on ``device_type`` (the fold computes its kernels in the
-    parameters' precision); a no-op where autocast does not exist."""
-    available = getattr(torch.amp, 'is_autocast_available', None)  # torch >= 2.4
-    if available(device_type) if available else device_type in ('cpu', 'cuda'):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def equivalent_kernel_l2(model: nn.Module) -> Tensor:
     """The sum of the squared norms of the folded kernels of ``model``'s blocks.
 
@@ -118,7 +108,7 @@ def equivalent_kernel_l2(model: nn.Module) -> Tensor:
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device('cpu')
     total = None
-    with _autocast_off(device.type):
+    with autocast_off(device.type):
         for block in equivalent_kernel_blocks(model):
             kernel, _ = block.get_equivalent_kernel_bias()
             term = kernel.to(torch.promote_types(kernel.dtype, torch.float32)).square().sum()

@@ -886,8 +886,9 @@ def test_pretrained_inside_an_init_cfg_list_is_converted(tmp_path):
 
 
 def test_unknown_official_style_layout_is_named_not_guessed(tmp_path):
-    """``stage0.*`` keys that are neither an OREPA/DBB ResNet nor a RepVGG (e.g. the official
-    RepMLP-ResNet) are reported as an unknown layout, not read as a RepVGG."""
+    """``stage0.*`` keys that are neither an OREPA/DBB ResNet, a RepVGG nor a RepMLP-ResNet
+    (here: a Sequential stem and plain units, as the RepMLP code's ``block_type='base'``) are
+    reported as an unknown layout, not read as a RepVGG."""
     state = {'stage0.0.conv.weight': torch.zeros(8, 3, 7, 7), 'stage0.0.bn.weight': torch.ones(8),
              'stage1.0.conv1.conv.weight': torch.zeros(8, 8, 1, 1)}
     fmt = detect_format(state)

@@ -19,7 +19,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...registry import MODELS
-from ...utils import ConfigType, OptConfigType
 from ..layers import ConvBN, ReparamBlock, build_bn
 from ..layers.fuse import fuse_bn, identity_kernel, pad_kernel
 
@@ -169,30 +168,28 @@ class CSLABlock(ReparamBlock):
         use_se (bool): Must be False (RepOpt-VGG has no SE). Defaults to False.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
-                 groups: int = 1, norm_cfg: ConfigType = dict(type='BN'),
-                 act_cfg: OptConfigType = None, deploy: bool = False,
-                 scale_init: float = 1.0, trainable_scales: bool = True,
-                 use_se: bool = False, init_cfg: OptConfigType = None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, norm_cfg, act_cfg, deploy, init_cfg)
+    _min_kernel_size = 3
+    default_kernel_size = 3
+
+    def __init__(self, *args, scale_init: float = 1.0, trainable_scales: bool = True,
+                 use_se: bool = False, **kwargs):
         if use_se:
             raise ValueError('CSLABlock has no SE variant (RepOpt-VGG has none)')
-        if kernel_size < 3:
-            raise ValueError(f'CSLABlock needs kernel_size >= 3 (got {kernel_size})')
+        self.scale_init = scale_init
         self.trainable_scales = trainable_scales
-        if deploy:
-            return
-        common = dict(stride=stride, groups=groups, bias=False)
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=self.padding,
-                              dilation=dilation, **common)
-        self.scale_conv = ScaleLayer(out_channels, scale_init, trainable_scales)
-        self.conv_1x1 = nn.Conv2d(in_channels, out_channels, 1, **common)
-        self.scale_1x1 = ScaleLayer(out_channels, scale_init, trainable_scales)
+        super().__init__(*args, **kwargs)
+
+    def _build_branches(self) -> None:
+        cin, cout, trainable = self.in_channels, self.out_channels, self.trainable_scales
+        common = dict(stride=self.stride, groups=self.groups, bias=False)
+        self.conv = nn.Conv2d(cin, cout, self.kernel_size, padding=self.padding,
+                              dilation=self.dilation, **common)
+        self.scale_conv = ScaleLayer(cout, self.scale_init, trainable)
+        self.conv_1x1 = nn.Conv2d(cin, cout, 1, **common)
+        self.scale_1x1 = ScaleLayer(cout, self.scale_init, trainable)
         # The identity factor trains in both forms (the official is_csla freezes only s, t).
-        self.scale_identity = ScaleLayer(out_channels) if self.has_identity else None
-        self.bn = build_bn(norm_cfg, out_channels)
+        self.scale_identity = ScaleLayer(cout) if self.has_identity else None
+        self.bn = build_bn(self.norm_cfg, cout)
 
     @property
     def has_identity(self) -> bool:

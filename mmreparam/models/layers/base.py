@@ -1,4 +1,5 @@
 """The protocol shared by every re-parameterizable block."""
+import copy
 from typing import Dict, List, Optional, Protocol, Tuple, Type, runtime_checkable
 
 import torch
@@ -48,6 +49,9 @@ def put_bn(state: Dict[str, Tensor], prefix: str, bn: _BatchNorm,
     put(state, prefix, zero_bn_state(bn) if affine is None else bn_state(affine, bn))
 
 
+#: The default of ``act_cfg``: the block class's :attr:`ReparamBlock.default_act_cfg`.
+DEFAULT_ACT = dict(type='default')
+
 #: Every block type that declares :attr:`ReparamBlock.state_markers`, in definition order.
 _BLOCK_TYPES: List[Type['ReparamBlock']] = []
 
@@ -77,8 +81,10 @@ def block_type_of_state(keys) -> Optional[Type['ReparamBlock']]:
 class ReparamBlock(BaseModule):
     """Base class of the blocks that fold into one convolution with bias.
 
-    Subclasses build their training-time branches in ``__init__`` (when ``deploy=False``)
-    and implement :meth:`get_equivalent_kernel_bias`, :meth:`_forward_branches` and
+    Subclasses build their training-time branches in :meth:`_build_branches` (called by
+    this constructor when ``deploy=False``; a block with arguments of its own takes them
+    keyword-only in a short ``__init__`` that stores them and calls this one), implement
+    :meth:`get_equivalent_kernel_bias`, :meth:`_forward_branches` and
     :meth:`_expand_branches`, and name the keys that identify them in
     :attr:`state_markers`. The base class gives them the common protocol, both directions:
 
@@ -94,14 +100,16 @@ class ReparamBlock(BaseModule):
     Args:
         in_channels (int): Input channels.
         out_channels (int): Output channels.
-        kernel_size (int): Size of the (square) kernel.
+        kernel_size (int, optional): Size of the (square) kernel; None gives the block's
+            :attr:`default_kernel_size`. Defaults to None.
         stride (int): Stride. Defaults to 1.
         padding (int, optional): Zero padding; None gives ``dilation * (kernel_size // 2)``.
             Defaults to None.
         dilation (int): Dilation. Defaults to 1.
         groups (int): Groups. Defaults to 1.
         norm_cfg (dict): Config of the BatchNorm layers. Defaults to ``dict(type='BN')``.
-        act_cfg (dict, optional): Activation after the block; None for none. Defaults to None.
+        act_cfg (dict, optional): Activation after the block; None for none. Defaults to the
+            block's :attr:`default_act_cfg` (None but for the RepVGG blocks: ReLU).
         deploy (bool): Build the folded structure. Defaults to False.
         init_cfg (dict, optional): mmengine initialization config. Defaults to None.
     """
@@ -114,6 +122,10 @@ class ReparamBlock(BaseModule):
     _supports_groups = True
     #: Smallest kernel size the block's branches need.
     _min_kernel_size = 1
+    #: ``kernel_size`` when none is given (None: it must be given).
+    default_kernel_size: Optional[int] = None
+    #: ``act_cfg`` when none is given.
+    default_act_cfg: OptConfigType = None
     #: Keys of the block's state_dict that identify its train-time form (empty: the type is
     #: never recognised from a state_dict).
     state_markers: Tuple[str, ...] = ()
@@ -126,16 +138,22 @@ class ReparamBlock(BaseModule):
     def __init__(self,
                  in_channels: int,
                  out_channels: int,
-                 kernel_size: int,
+                 kernel_size: Optional[int] = None,
                  stride: int = 1,
                  padding: Optional[int] = None,
                  dilation: int = 1,
                  groups: int = 1,
                  norm_cfg: ConfigType = dict(type='BN'),
-                 act_cfg: OptConfigType = None,
+                 act_cfg: OptConfigType = DEFAULT_ACT,
                  deploy: bool = False,
                  init_cfg: OptConfigType = None):
         super().__init__(init_cfg)
+        if kernel_size is None:
+            kernel_size = self.default_kernel_size
+        if kernel_size is None:
+            raise ValueError(f'{type(self).__name__} needs a kernel_size')
+        if act_cfg is DEFAULT_ACT:
+            act_cfg = copy.deepcopy(self.default_act_cfg)
         for name, value in dict(in_channels=in_channels, out_channels=out_channels,
                                 kernel_size=kernel_size, stride=stride, dilation=dilation,
                                 groups=groups).items():
@@ -146,10 +164,10 @@ class ReparamBlock(BaseModule):
             raise ValueError(f'{type(self).__name__}: in_channels ({in_channels}) and '
                              f'out_channels ({out_channels}) must be divisible by groups '
                              f'({groups})')
-        if kernel_size < self._min_kernel_size:
-            raise ValueError(f'{type(self).__name__} needs kernel_size >= '
-                             f'{self._min_kernel_size} (got {kernel_size}); use ConvBN for '
-                             f'{kernel_size}x{kernel_size}')
+        problem = self._kernel_size_problem(kernel_size)
+        if problem:
+            raise ValueError(f'{type(self).__name__} needs {problem} (got kernel_size='
+                             f'{kernel_size})')
         if groups > 1 and not self._supports_groups:
             raise ValueError(f'{type(self).__name__} does not support groups > 1 '
                              f'(got groups={groups})')
@@ -172,6 +190,20 @@ class ReparamBlock(BaseModule):
         self.se: Optional[nn.Module] = None
         self.act = build_activation_layer(act_cfg) if act_cfg else nn.Identity()
         self.reparam_conv: Optional[nn.Conv2d] = self._new_reparam_conv() if deploy else None
+        if not deploy:
+            self._build_branches()
+
+    @classmethod
+    def _kernel_size_problem(cls, kernel_size: int) -> Optional[str]:
+        """What the block needs of ``kernel_size`` when it is not met, else None."""
+        if kernel_size < cls._min_kernel_size:
+            return (f'kernel_size >= {cls._min_kernel_size}; use ConvBN for '
+                    f'{kernel_size}x{kernel_size}')
+        return None
+
+    def _build_branches(self) -> None:
+        """Build the training-time branches (the geometry is set on ``self``)."""
+        raise NotImplementedError
 
     def _new_reparam_conv(self, device=None, dtype=None) -> nn.Conv2d:
         return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,

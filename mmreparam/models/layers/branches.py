@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...registry import MODELS
-from ...utils import ConfigType, OptConfigType
+from ...utils import ConfigType
 from .base import ReparamBlock, build_bn, put_bn
 from .fuse import (
     Affine,
@@ -84,17 +84,11 @@ class ConvBN(ReparamBlock):
     _needs_same_padding = False
     state_markers = ('conv.weight', )
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
-                 stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
-                 groups: int = 1, norm_cfg: ConfigType = dict(type='BN'),
-                 act_cfg: OptConfigType = None, deploy: bool = False,
-                 init_cfg: OptConfigType = None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, norm_cfg, act_cfg, deploy, init_cfg)
-        if not deploy:
-            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride,
-                                  self.padding, dilation, groups, bias=False)
-            self.bn = build_bn(norm_cfg, out_channels)
+    def _build_branches(self) -> None:
+        self.conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
+                              self.stride, self.padding, self.dilation, self.groups,
+                              bias=False)
+        self.bn = build_bn(self.norm_cfg, self.out_channels)
 
     def _forward_branches(self, x: Tensor) -> Tensor:
         return self.bn(self.conv(x))
@@ -124,19 +118,14 @@ class ACB(ReparamBlock):
     See :class:`ReparamBlock` for the arguments.
     """
     _min_kernel_size = 3
+    default_kernel_size = 3
     state_markers = ('square_conv.weight', )
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
-                 groups: int = 1, norm_cfg: ConfigType = dict(type='BN'),
-                 act_cfg: OptConfigType = None, deploy: bool = False,
-                 init_cfg: OptConfigType = None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, norm_cfg, act_cfg, deploy, init_cfg)
-        if deploy:
-            return
-        k, p = kernel_size, self.padding
-        common = dict(stride=stride, dilation=dilation, groups=groups, bias=False)
+    def _build_branches(self) -> None:
+        k, p, norm_cfg = self.kernel_size, self.padding, self.norm_cfg
+        in_channels, out_channels = self.in_channels, self.out_channels
+        common = dict(stride=self.stride, dilation=self.dilation, groups=self.groups,
+                      bias=False)
         self.square_conv = nn.Conv2d(in_channels, out_channels, (k, k), padding=(p, p),
                                      **common)
         self.square_bn = build_bn(norm_cfg, out_channels)
@@ -185,19 +174,17 @@ class DBB(ReparamBlock):
         Others: see :class:`ReparamBlock`.
     """
     _min_kernel_size = 3
+    default_kernel_size = 3
     state_markers = ('dbb_origin.conv.weight', )
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
-                 groups: int = 1, norm_cfg: ConfigType = dict(type='BN'),
-                 act_cfg: OptConfigType = None, deploy: bool = False,
-                 internal_channels_1x1_3x3: Optional[int] = None,
-                 init_cfg: OptConfigType = None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, norm_cfg, act_cfg, deploy, init_cfg)
-        if deploy:
-            return
-        p = self.padding
+    def __init__(self, *args, internal_channels_1x1_3x3: Optional[int] = None, **kwargs):
+        self.internal_channels_1x1_3x3 = internal_channels_1x1_3x3
+        super().__init__(*args, **kwargs)
+
+    def _build_branches(self) -> None:
+        p, norm_cfg, groups = self.padding, self.norm_cfg, self.groups
+        in_channels, out_channels = self.in_channels, self.out_channels
+        kernel_size, stride, dilation = self.kernel_size, self.stride, self.dilation
         self.dbb_origin = ConvBNBranch(in_channels, out_channels, kernel_size, norm_cfg,
                                        stride=stride, padding=p, dilation=dilation,
                                        groups=groups)
@@ -213,7 +200,7 @@ class DBB(ReparamBlock):
             self.dbb_avg.bn = BNAndPad(out_channels, p, norm_cfg)
         self.dbb_avg.avgbn = build_bn(norm_cfg, out_channels)
 
-        internal = internal_channels_1x1_3x3
+        internal = self.internal_channels_1x1_3x3
         if internal is None:
             internal = in_channels if self.has_1x1 else 2 * in_channels
         if internal % groups:
@@ -316,23 +303,17 @@ class RepVGGBlock(ReparamBlock):
         Others: see :class:`ReparamBlock`.
     """
     _min_kernel_size = 3
+    default_kernel_size = 3
+    default_act_cfg = dict(type='ReLU')
     state_markers = ('rbr_dense.conv.weight', )
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
-                 groups: int = 1, norm_cfg: ConfigType = dict(type='BN'),
-                 act_cfg: OptConfigType = dict(type='ReLU'), deploy: bool = False,
-                 use_se: bool = False, se_ratio: int = 16, init_cfg: OptConfigType = None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, norm_cfg, act_cfg, deploy, init_cfg)
+    def __init__(self, *args, use_se: bool = False, se_ratio: int = 16, **kwargs):
+        super().__init__(*args, **kwargs)
         if use_se:
-            self.se = SEBlock(out_channels, out_channels // se_ratio)
-        if deploy:
-            return
-        self._build_linear_branches()
+            self.se = SEBlock(self.out_channels, self.out_channels // se_ratio)
 
-    def _build_linear_branches(self):
-        """The 1x1 and identity branches (shared with :class:`OREPAVGGBlock`)."""
+    def _build_branches(self) -> None:
+        """The dense, 1x1 and identity branches (:class:`OREPAVGGBlock` swaps the dense)."""
         if self.in_channels == self.out_channels and self.stride == 1:
             self.rbr_identity = build_bn(self.norm_cfg, self.in_channels)
         else:
@@ -392,7 +373,7 @@ class QARepVGGBlock(RepVGGBlock):
     """
     state_markers = ('rbr_dense.conv.weight', 'rbr_1x1.weight')
 
-    def _build_linear_branches(self):
+    def _build_branches(self) -> None:
         self.has_identity = self.in_channels == self.out_channels and self.stride == 1
         self.rbr_dense = ConvBNBranch(self.in_channels, self.out_channels, self.kernel_size,
                                       self.norm_cfg, stride=self.stride, padding=self.padding,

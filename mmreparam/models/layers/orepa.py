@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ...errors import ExpansionError
 from ...registry import MODELS
-from ...utils import ConfigType, OptConfigType
+from ...utils import autocast_off
 from . import orepa_function as fn
 from .base import ReparamBlock, build_bn, put, put_bn
 from .branches import RepVGGBlock
@@ -38,15 +38,6 @@ from .fuse import (
 #: Initial branch scales of the official OREPA block (rows of ``vector``).
 OREPA_VECTOR_INIT = dict(origin=0.25, avg=0.25, prior=0.0, conv1x1_kxk=0.5, conv1x1=1.0,
                          dw_pw=0.5)
-
-
-def full_precision(device_type: str):
-    """A context that turns autocast off on ``device_type`` (kernels are generated in the
-    parameters' precision); a no-op where autocast does not exist (e.g. ``meta``)."""
-    available = getattr(torch.amp, 'is_autocast_available', None)  # torch >= 2.4
-    if available(device_type) if available else device_type in ('cpu', 'cuda'):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class OREPAGeneratorMixin:
@@ -209,7 +200,7 @@ class OREPAGeneratorMixin:
         layout = fn.KxkBatchLayout(batch, first.gen_groups, len(coef_names), index('origin'),
                                 tuple(index(name) for name, _ in coef_names),
                                 index('conv1x1_kxk'), index('dw_pw'), fn.passes_for(params[0]))
-        with full_precision(params[0].device.type):
+        with autocast_off(params[0].device.type):
             kernel = fn.OREPABatchKernelFunction.apply(layout, pattern, identity, *params)
         return kernel.split(out)
 
@@ -281,22 +272,20 @@ class OREPA(OREPAGeneratorMixin, GeneratedKernelBlock):
         Others: see :class:`ReparamBlock`.
     """
     state_markers = ('weight_orepa_origin', )
+    default_kernel_size = 3
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
-                 groups: int = 1, norm_cfg: ConfigType = dict(type='BN'),
-                 act_cfg: OptConfigType = None, deploy: bool = False,
-                 internal_channels_1x1_3x3: Optional[int] = None, with_conv1x1: bool = True,
-                 kaiming_a: float = 0.0, vector_init: Optional[dict] = None,
-                 init_cfg: OptConfigType = None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, norm_cfg, act_cfg, deploy, init_cfg)
-        if deploy:
-            return
-        self._init_generator(in_channels, out_channels, kernel_size, groups,
-                             internal_channels_1x1_3x3, with_conv1x1, kaiming_a=kaiming_a,
-                             vector_init=vector_init)
-        self.bn = build_bn(norm_cfg, out_channels)
+    def __init__(self, *args, internal_channels_1x1_3x3: Optional[int] = None,
+                 with_conv1x1: bool = True, kaiming_a: float = 0.0,
+                 vector_init: Optional[dict] = None, **kwargs):
+        self._generator_args = dict(internal_channels=internal_channels_1x1_3x3,
+                                    with_conv1x1=with_conv1x1, kaiming_a=kaiming_a,
+                                    vector_init=vector_init)
+        super().__init__(*args, **kwargs)
+
+    def _build_branches(self) -> None:
+        self._init_generator(self.in_channels, self.out_channels, self.kernel_size,
+                             self.groups, **self._generator_args)
+        self.bn = build_bn(self.norm_cfg, self.out_channels)
 
     def _generator_state(self, kernel: Tensor) -> Dict[str, Tensor]:
         return self.origin_state(kernel)
@@ -313,19 +302,16 @@ class OREPA1x1(GeneratedKernelBlock):
     _supports_groups = False
     _batched_kernel: Optional[Tensor] = None  # see OREPAGeneratorMixin
     state_markers = ('weight_or1x1_origin', )
+    default_kernel_size = 1
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
-                 stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
-                 groups: int = 1, norm_cfg: ConfigType = dict(type='BN'),
-                 act_cfg: OptConfigType = None, deploy: bool = False,
-                 init_cfg: OptConfigType = None):
+    @classmethod
+    def _kernel_size_problem(cls, kernel_size: int) -> Optional[str]:
         if kernel_size != 1:
-            raise ValueError(f'OREPA1x1 needs kernel_size=1 (got {kernel_size}); '
-                             'use OREPA or OREPALargeConv')
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, norm_cfg, act_cfg, deploy, init_cfg)
-        if deploy:
-            return
+            return 'kernel_size=1; use OREPA or OREPALargeConv'
+        return None
+
+    def _build_branches(self) -> None:
+        in_channels, out_channels = self.in_channels, self.out_channels
 
         def param(*shape):
             weight = nn.Parameter(torch.empty(*shape))
@@ -342,7 +328,7 @@ class OREPA1x1(GeneratedKernelBlock):
             self.weight_or1x1_l2i_conv2 = nn.Parameter(
                 torch.eye(out_channels).reshape(out_channels, out_channels, 1, 1))
         self.vector = nn.Parameter(torch.tensor([[1.0] * out_channels, [0.5] * out_channels]))
-        self.bn = build_bn(norm_cfg, out_channels)
+        self.bn = build_bn(self.norm_cfg, out_channels)
 
     def generate_kernel(self) -> Tensor:
         """The generated ``(out, in, 1, 1)`` kernel (differentiable); inside
@@ -374,7 +360,7 @@ class OREPA1x1(GeneratedKernelBlock):
         params = [getattr(b, attr) for attr in ('weight_or1x1_origin', 'weight_or1x1_l2i_conv2',
                                                 'weight_or1x1_l2i_conv1', 'vector')
                   for b in blocks]
-        with full_precision(params[0].device.type):
+        with autocast_off(params[0].device.type):
             kernel = fn.OREPA1x1BatchKernelFunction.apply(fn.passes_for(params[0]), *params)
         return kernel.reshape(batch * out, in_, 1, 1).split(out)
 
@@ -392,25 +378,21 @@ class OREPALargeConv(GeneratedKernelBlock):
     """
     _supports_groups = False
     state_markers = ('weight0.weight_orepa_origin', )
+    default_kernel_size = 7
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7,
-                 stride: int = 1, padding: Optional[int] = None, dilation: int = 1,
-                 groups: int = 1, norm_cfg: ConfigType = dict(type='BN'),
-                 act_cfg: OptConfigType = None, deploy: bool = False,
-                 init_cfg: OptConfigType = None):
+    @classmethod
+    def _kernel_size_problem(cls, kernel_size: int) -> Optional[str]:
         if kernel_size < 5 or kernel_size % 2 == 0:
-            raise ValueError(f'OREPALargeConv needs an odd kernel_size >= 5 (got '
-                             f'{kernel_size}); use OREPA for 3x3')
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, norm_cfg, act_cfg, deploy, init_cfg)
-        if deploy:
-            return
-        self.num_generators = (kernel_size - 1) // 2
+            return 'an odd kernel_size >= 5; use OREPA for 3x3'
+        return None
+
+    def _build_branches(self) -> None:
+        self.num_generators = (self.kernel_size - 1) // 2
         for i in range(self.num_generators):
             self.add_module(f'weight{i}',
-                            OREPAKernel(in_channels if i == 0 else out_channels,
-                                        out_channels, 3))
-        self.bn = build_bn(norm_cfg, out_channels)
+                            OREPAKernel(self.in_channels if i == 0 else self.out_channels,
+                                        self.out_channels, 3))
+        self.bn = build_bn(self.norm_cfg, self.out_channels)
 
     def generate_kernel(self) -> Tensor:
         """The composed ``(out, in, k, k)`` kernel (differentiable)."""
@@ -445,8 +427,8 @@ class OREPAVGGBlock(RepVGGBlock):
     """
     state_markers = ('rbr_dense.weight_orepa_origin', )
 
-    def _build_linear_branches(self):
-        super()._build_linear_branches()
+    def _build_branches(self) -> None:
+        super()._build_branches()
         internal = self.in_channels if self.groups < self.out_channels else 2 * self.in_channels
         self.rbr_dense = OREPA(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
