@@ -6,14 +6,24 @@ The C++ extension ``mmreparam._ext`` (fused CPU passes of OREPA's kernel generat
 built against the installed torch, so install without build isolation
 (``pip install --no-build-isolation -e .``). ``MMREPARAM_WITH_OPS=0`` skips it: OREPA then
 runs its CPU generator passes with torch operators (same results, slower).
+
+Like mmdet, mmseg and mmpretrain, the wheel carries ``configs/``, ``tools/`` and
+``model-index.yml`` in ``mmreparam/.mim``, where ``mim train mmreparam CONFIG``, ``mim test``
+and ``mim search`` read them; an editable install links them there instead, so edits to the
+configs and tools apply at once.
 """
 import os
 import re
+import shutil
+import warnings
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
+# Files and folders of the repository that mim reads from <package>/.mim.
+MIM_FILES = ('configs', 'tools', 'model-index.yml')
 
 
 def read_version():
@@ -46,7 +56,47 @@ def extensions():
     return [ext], {'build_ext': BuildExtension}
 
 
+def add_mim_files(target: Path, link: bool) -> None:
+    """Put :data:`MIM_FILES` into ``target`` (a ``mmreparam/.mim`` folder): copies, or with
+    ``link`` relative symlinks to the repository's own (copies where symlinks fail)."""
+    missing = [name for name in MIM_FILES if not (ROOT / name).exists()]
+    if missing:
+        raise SystemExit(f'mmreparam: {", ".join(missing)} missing from {ROOT}: the package '
+                         'ships them in mmreparam/.mim for mim (build from a checkout or '
+                         'the sdist)')
+    target.mkdir(parents=True, exist_ok=True)
+    for name in MIM_FILES:
+        src, dst = ROOT / name, target / name
+        if dst.is_symlink() or dst.is_file():
+            dst.unlink()
+        elif dst.is_dir():
+            shutil.rmtree(dst)
+        if link:
+            try:
+                dst.symlink_to(os.path.relpath(src, target))
+                continue
+            except OSError as exc:  # e.g. Windows without the symlink privilege
+                warnings.warn(f'cannot link {dst} ({exc}); copying {src} instead')
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+        else:
+            shutil.copyfile(src, dst)
+
+
+class BuildPyWithMim(build_py):
+    """``build_py`` that also adds :data:`MIM_FILES` as ``mmreparam/.mim``: copied into the
+    build (wheels, and so sdists' wheels), linked in the source tree for editable installs."""
+
+    def run(self):
+        super().run()
+        if getattr(self, 'editable_mode', False):  # setuptools >= 64
+            add_mim_files(ROOT / 'mmreparam' / '.mim', link=True)
+        else:
+            add_mim_files(Path(self.build_lib) / 'mmreparam' / '.mim', link=False)
+
+
 EXT_MODULES, CMDCLASS = extensions()
+CMDCLASS['build_py'] = BuildPyWithMim
 
 setup(
     name='mmreparam',
