@@ -64,6 +64,15 @@ def quantize_tool():
     return tool
 
 
+def build_model(cfg):
+    """The config's model, built in its toolbox's scope (as the tools build it)."""
+    from mmengine.registry import init_default_scope
+
+    from mmreparam.apis.deploy import models_registry
+    init_default_scope(cfg.default_scope)
+    return models_registry(cfg.default_scope).build(cfg.model)
+
+
 def build_trained_looking(cfg_path, seed):
     """The config's model as after training: random OREPA branch scales and BN affine
     parameters, and BN statistics measured on the images (random ones make the features
@@ -73,10 +82,9 @@ def build_trained_looking(cfg_path, seed):
     from torch.nn.modules.batchnorm import _BatchNorm
 
     from mmreparam.testing import randomize_bn, randomize_parameters
-    tool = quantize_tool()
     cfg = Config.fromfile(str(cfg_path))
     torch.manual_seed(seed)
-    model = tool.build_model(cfg)
+    model = build_model(cfg)
     randomize_parameters(model, ('vector', 'idconv1'), seed=seed)
     randomize_bn(model, seed=seed + 1)
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
@@ -184,7 +192,7 @@ def test_a_failure_writes_nothing(det, tmp_path, monkeypatch):
     monkeypatch.setattr(quantize_module, '_evaluate', broken)
     cfg_path, ckpt = det
     cfg = Config.fromfile(str(cfg_path))
-    model = quantize_tool().build_model(cfg)
+    model = build_model(cfg)
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'model_int8.onnx').write_text('previous')
