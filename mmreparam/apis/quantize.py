@@ -42,7 +42,6 @@ from .onnx import export_onnx, onnxruntime_error
 FLOAT_ONNX = 'model.onnx'
 INT8_ONNX = 'model_int8.onnx'
 REPORT = 'report.json'
-QUANTIZED_PART = 'backbone + neck (extract_feat)'
 ACTIVATION_TYPES = ('uint8', 'int8')
 
 
@@ -65,7 +64,8 @@ def quantize_int8(model: nn.Module, cfg, out_dir: str, calib_images: int = 32,
     Writes, as one (:func:`~mmreparam.fileio.atomic_write_files`: after a failure none of
     them is written or replaced), into ``out_dir``:
 
-    - ``model.onnx``: the float32 ``extract_feat`` (backbone + neck) of the folded model;
+    - ``model.onnx``: the float32 ``extract_feat`` (backbone, and neck if any) of the
+      folded model;
     - ``model_int8.onnx``: its static int8 quantization (QDQ, per-channel int8 weights);
     - ``report.json``: what was quantized and how, the relative error and cosine
       similarity of every int8 output against the float one on ``eval_images`` held-back
@@ -129,7 +129,7 @@ def quantize_int8(model: nn.Module, cfg, out_dir: str, calib_images: int = 32,
         sessions = {form: _session(ort, path) for form, path in paths.items()}
         held_back = list(_take(images, eval_images, shape, 'held-back'))
         report = dict(
-            quantized=QUANTIZED_PART,
+            quantized=_quantized_part(folded),
             not_quantized='heads and post-processing (PyTorch, float32)',
             method=dict(tool='onnxruntime.quantization.quantize_static', format='QDQ',
                         per_channel=True, weights='int8 (symmetric)',
@@ -198,6 +198,11 @@ def format_report(report: Dict[str, Any]) -> str:
         lines.append(f'| {i} | {"x".join(map(str, out["shape"]))} | {out["rel_error"]:.4f} | '
                      f'{out["cosine"]:.5f} | {out["cosine_min"]:.5f} |')
     return '\n'.join(lines)
+
+
+def _quantized_part(model: nn.Module) -> str:
+    with_neck = getattr(model, 'with_neck', getattr(model, 'neck', None) is not None)
+    return f'{"backbone + neck" if with_neck else "backbone"} (extract_feat)'
 
 
 def _check_arguments(model, out_dir, calib_images, eval_images, activation_type,
@@ -395,5 +400,4 @@ def _write_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=2)
 
 
-__all__ = ['quantize_int8', 'format_report', 'FLOAT_ONNX', 'INT8_ONNX', 'REPORT',
-           'QUANTIZED_PART']
+__all__ = ['quantize_int8', 'format_report', 'FLOAT_ONNX', 'INT8_ONNX', 'REPORT']

@@ -173,6 +173,7 @@ def test_api_quantizes_a_segmentor(tmp_path):
     # The model given is not changed (folded and patched copies only).
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert 'extract_feat' not in vars(model)
+    assert report['quantized'] == 'backbone (extract_feat)'  # PSPNet has no neck
     assert [o['shape'][1] for o in report['outputs']] == [8, 16, 32, 64]
     assert min(o['cosine_min'] for o in report['outputs']) > 0.95
     assert set(report['float']['metrics']) == set(report['int8']['metrics']) >= {'mIoU'}
