@@ -1,7 +1,6 @@
 """Small shared helpers and type aliases."""
-import ast
 import contextlib
-from typing import Any, Callable, Optional, Tuple, Type, Union
+from typing import Any, Optional, Union
 
 import torch
 from mmengine.config import ConfigDict
@@ -46,48 +45,5 @@ def describe_error(err: BaseException) -> str:
     return f'{type(err).__name__}: {lines[0]}' if lines else type(err).__name__
 
 
-def run_cli(fn: Callable[..., Any], *args,
-            errors: Tuple[Type[BaseException], ...] = (OSError, ValueError, TypeError)
-            ) -> Optional[str]:
-    """Run a command-line tool's body; turn an expected error into one line for the user.
-
-    Bad input to a tool is reported, not dumped: the tool prints the returned
-    ``error: <first line of the message>`` on stderr (no traceback) and exits with 1.
-
-    Args:
-        fn (callable): The tool's body, called as ``fn(*args)``.
-        errors (tuple[type]): The exception types that mean bad input.
-
-    Returns:
-        str | None: None on success, else the ``error: ...`` line.
-    """
-    try:
-        fn(*args)
-    except errors as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return f'error: {message}'
-    return None
-
-
-def parse_key_values(items, option: str = '--set') -> dict:
-    """``['base_channels=32', 'style=caffe']`` -> ``{'base_channels': 32, 'style': 'caffe'}``.
-
-    Values are Python literals where they parse as one, else strings.
-
-    Raises:
-        ValueError: An item is not ``KEY=VALUE`` (the message names ``option``).
-    """
-    values = {}
-    for item in items:
-        key, sep, text = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f'{option} expects KEY=VALUE, got {item!r}')
-        try:
-            values[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            values[key] = text
-    return values
-
-
 __all__ = ['ConfigType', 'OptConfigType', 'pretrained_init', 'without_pretrained',
-           'describe_error', 'run_cli', 'parse_key_values']
+           'describe_error', 'autocast_off']

@@ -20,9 +20,9 @@ import sys
 
 from mmreparam import __version__
 from mmreparam.checkpoint import CheckpointError, detect_format, load_pretrained, read_state_dict
+from mmreparam.cli import parse_key_values, run_tool
 from mmreparam.fileio import save_checkpoint_atomic
 from mmreparam.models import RepMLPResNet, RepVGG, ResNet
-from mmreparam.utils import parse_key_values, run_cli
 
 BACKBONES = dict(ResNet=ResNet, RepVGG=RepVGG, RepMLPResNet=RepMLPResNet)
 
@@ -104,11 +104,8 @@ def convert(args) -> None:
 
 def main(argv=None) -> int:
     """Entry point; returns the exit status (1 with one ``error:`` line on bad input)."""
-    error = run_cli(convert, parse_args(argv),
+    return run_tool(None, convert, parse_args(argv),
                     errors=(CheckpointError, OSError, ValueError, TypeError))
-    if error:
-        print(error, file=sys.stderr)
-    return 1 if error else 0
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ import sys
 import time
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 from mmreparam.utils import describe_error
 
@@ -33,30 +33,6 @@ def parse_args(argv=None):
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, key=value (as in the upstream tools)')
     return parser.parse_args(argv)
-
-
-def build_model(cfg):
-    from mmengine.registry import init_default_scope
-
-    from mmreparam.apis.deploy import models_registry
-    from mmreparam.apis.toolbox import detect_toolbox
-    toolbox = detect_toolbox(cfg)
-    init_default_scope(toolbox)
-    return models_registry(toolbox).build(cfg.model)
-
-
-def load_weights(model, path):
-    from mmreparam.checkpoint import CheckpointError, safe_load
-    ckpt = safe_load(path)
-    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f'{path!r} holds no state_dict')
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        missing, unexpected = result.missing_keys, result.unexpected_keys
-        raise CheckpointError(
-            f'{path!r} does not match the model of the config: {len(missing)} missing keys '
-            f'(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})')
 
 
 def fold_check(cfg, model, folded, shape):
@@ -91,20 +67,15 @@ class FoldMismatch(RuntimeError):
 
 def run(args):
     """The tool's body: check the paths, build, load, fold, check, write."""
-    for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'{what} {path!r} does not exist')
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise NotADirectoryError(f'output directory {args.out_dir!r} is a file')
+    from mmreparam.cli.model import build_model, check_paths, load_config, load_weights
+    check_paths(args.config, args.checkpoint, args.out_dir)
     os.makedirs(args.out_dir, exist_ok=True)
     if not os.access(args.out_dir, os.W_OK):
         raise PermissionError(f'cannot write to output directory {args.out_dir!r}')
 
     import mmreparam
     from mmreparam.apis.deploy import export_deploy
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
     model = build_model(cfg)
     load_weights(model, args.checkpoint)
     model.eval()
@@ -143,13 +114,10 @@ def run(args):
 def main(argv=None) -> int:
     """Entry point; returns the exit status (1 with one ``error:`` line on failure)."""
     from mmreparam.checkpoint import CheckpointError
-    from mmreparam.utils import run_cli
-    error = run_cli(run, parse_args(argv),
+    from mmreparam.cli import run_tool
+    return run_tool('tools/fold.py', run, parse_args(argv),
                     errors=(CheckpointError, FoldFailed, FoldMismatch, OSError, ValueError,
                             KeyError, TypeError))
-    if error:
-        print(f'tools/fold.py: {error}', file=sys.stderr)
-    return 1 if error else 0
 
 
 def export_backbone_onnx(folded, out_dir, shape):

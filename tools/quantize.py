@@ -9,15 +9,10 @@ onnxruntime CPU latency, and the metric of both through the config's evaluator (
 stay in PyTorch). See :func:`mmreparam.apis.quantize.quantize_int8`.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
-from mmengine.config import Config, DictAction
-
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # tools/fold.py, also when imported
-
-from fold import build_model, load_weights  # noqa: E402
+from mmengine.config import DictAction
 
 
 def parse_args(argv=None):
@@ -44,20 +39,15 @@ def parse_args(argv=None):
 
 def run(args):
     """The tool's body: check the paths, build, load, quantize (which folds and writes)."""
-    for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'{what} {path!r} does not exist')
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise NotADirectoryError(f'output directory {args.out_dir!r} is a file')
+    from mmreparam.cli.model import build_model, check_paths, load_config, load_weights
+    check_paths(args.config, args.checkpoint, args.out_dir)
     for option, value in (('--calib', args.calib), ('--eval', args.eval),
                           ('--latency-runs', args.latency_runs)):
         if value < 1:
             raise ValueError(f'{option} must be at least 1, got {value}')
 
     from mmreparam.apis.quantize import quantize_int8
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
     model = build_model(cfg)
     load_weights(model, args.checkpoint)
     model.eval()
@@ -75,13 +65,10 @@ def main(argv=None) -> int:
     """Entry point; returns the exit status (1 with one ``error:`` line on failure)."""
     import mmreparam  # noqa: F401  (registry scope, checkpoint allow-list)
     from mmreparam.checkpoint import CheckpointError
-    from mmreparam.utils import run_cli
-    error = run_cli(run, parse_args(argv),
+    from mmreparam.cli import run_tool
+    return run_tool('tools/quantize.py', run, parse_args(argv),
                     errors=(CheckpointError, OSError, ValueError, KeyError, TypeError,
                             ImportError))
-    if error:
-        print(f'tools/quantize.py: {error}', file=sys.stderr)
-    return 1 if error else 0
 
 
 if __name__ == '__main__':

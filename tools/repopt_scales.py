@@ -52,9 +52,9 @@ def summary(scales) -> str:
 
 def run(args) -> None:
     """Read or build the scales, check them, save atomically, print a summary."""
+    from mmreparam.cli import parse_key_values
     from mmreparam.engine.optimizers import load_scales, save_scales
     from mmreparam.models.backbones.repopt_scales import constant_scales
-    from mmreparam.utils import parse_key_values
     extra = parse_key_values(args.set)
     if args.command == 'const':
         name, backbone = build_backbone(args.arch, extra)
@@ -77,12 +77,9 @@ def run(args) -> None:
 def main(argv=None) -> int:
     """Entry point; returns the exit status (1 with one ``error:`` line on bad input)."""
     args = parse_args(argv)
+    from mmreparam.cli import run_tool
     from mmreparam.models.backbones.repopt_scales import ScalesError
-    from mmreparam.utils import run_cli
-    error = run_cli(run, args, errors=(ScalesError, OSError, ValueError, TypeError))
-    if error:
-        print(error, file=sys.stderr)
-    return 1 if error else 0
+    return run_tool(None, run, args, errors=(ScalesError, OSError, ValueError, TypeError))
 
 
 if __name__ == '__main__':

@@ -2,19 +2,19 @@
 train.py arguments]`` (e.g. ``--work-dir``, ``--resume``, ``--amp``, ``--cfg-options``)."""
 import sys
 
-from mmreparam.apis.toolbox import run_upstream_tool
 from mmreparam.checkpoint import CheckpointError
+from mmreparam.cli import run_tool
+from mmreparam.cli.toolbox import run_upstream_tool
 
 
-def main():
+def main() -> int:
+    """Entry point; returns the exit status (1 with one ``error:`` line on bad input)."""
     if len(sys.argv) < 2 or sys.argv[1] in ('-h', '--help'):
         print(__doc__)
-        sys.exit(0 if len(sys.argv) >= 2 else 2)
-    try:
-        run_upstream_tool('train.py', sys.argv[1:])
-    except (FileNotFoundError, ValueError, CheckpointError) as err:
-        sys.exit(f'tools/train.py: error: {err}')
+        return 0 if len(sys.argv) >= 2 else 2
+    return run_tool('tools/train.py', run_upstream_tool, 'train.py', sys.argv[1:],
+                    errors=(FileNotFoundError, ValueError, CheckpointError))
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -87,8 +87,8 @@ def test_missing_arguments_stop_before_srun(tmp_path, script):
 @pytest.mark.parametrize('toolbox', ['mmdet', 'mmseg', 'mmpretrain'])
 def test_upstream_tools_accept_the_slurm_launcher(toolbox, monkeypatch):
     """tools/train.py and test.py pass --launcher on to the toolbox's own script (through
-    mmreparam.apis.toolbox): its parser must take --launcher=slurm."""
-    from mmreparam.apis.toolbox import upstream_tool
+    mmreparam.cli.toolbox): its parser must take --launcher=slurm."""
+    from mmreparam.cli.toolbox import upstream_tool
     for name, positional in (('train.py', ['cfg.py']), ('test.py', ['cfg.py', 'ckpt.pth'])):
         script = upstream_tool(toolbox, name)
         monkeypatch.setattr(sys, 'argv', [script, *positional, '--launcher=slurm'])

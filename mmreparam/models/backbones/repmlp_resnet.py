@@ -50,10 +50,7 @@ class RepMLPLightUnit(_ResUnit):
                                         norm_cfg=norm_cfg, deploy=deploy)
         self.downsample = downsample
 
-    @property
-    def last_conv(self) -> nn.Module:
-        """The block whose BN ends the residual branch (zeroed by ``zero_init_residual``)."""
-        return self.conv3
+    last_conv_name = 'conv3'
 
     def _residual(self, x: Tensor) -> Tensor:
         return self.conv3(F.relu(self.repmlp(self.conv1(x))))
@@ -94,10 +91,7 @@ class RepMLPBottleneckUnit(_ResUnit):
         self.conv5 = conv(planes, planes * self.expansion, 1, act=False)
         self.downsample = downsample
 
-    @property
-    def last_conv(self) -> nn.Module:
-        """The block whose BN ends the residual branch (zeroed by ``zero_init_residual``)."""
-        return self.conv5
+    last_conv_name = 'conv5'
 
     def _residual(self, x: Tensor) -> Tensor:
         out = F.relu(self.repmlp(self.conv2(self.conv1(x))))

@@ -24,10 +24,13 @@ class _ResUnit(BaseModule):
         self.with_cp = with_cp
         self.relu = nn.ReLU(inplace=True)
 
+    #: The child whose BN ends the residual branch (zeroed by ``zero_init_residual``).
+    last_conv_name = ''
+
     @property
     def last_conv(self) -> nn.Module:
-        """The block whose BN ends the residual branch (zeroed by ``zero_init_residual``)."""
-        raise NotImplementedError
+        """The block whose BN ends the residual branch (``last_conv_name``)."""
+        return getattr(self, self.last_conv_name)
 
     def _residual(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -68,10 +71,7 @@ class BasicBlock(_ResUnit):
                                         norm_cfg=norm_cfg, deploy=deploy)
         self.downsample = downsample
 
-    @property
-    def last_conv(self) -> nn.Module:
-        """``conv2``, whose BN ends the residual branch."""
-        return self.conv2
+    last_conv_name = 'conv2'
 
     def _residual(self, x: Tensor) -> Tensor:
         return self.conv2(self.conv1(x))
@@ -114,10 +114,7 @@ class Bottleneck(_ResUnit):
                                         norm_cfg=norm_cfg, deploy=deploy)
         self.downsample = downsample
 
-    @property
-    def last_conv(self) -> nn.Module:
-        """``conv3``, whose BN ends the residual branch."""
-        return self.conv3
+    last_conv_name = 'conv3'
 
     def _residual(self, x: Tensor) -> Tensor:
         return self.conv3(self.conv2(self.conv1(x)))

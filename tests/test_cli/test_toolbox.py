@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 from mmengine.config import Config
 
-from mmreparam.apis.toolbox import setup_cpu_distributed
+from mmreparam.cli.toolbox import setup_cpu_distributed
 
 TORCHRUN_ENV = dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1')
 
