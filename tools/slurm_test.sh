@@ -2,34 +2,10 @@
 # Test on a Slurm cluster with the config's toolbox, like mmdet's tools/slurm_test.sh:
 #   [GPUS=8] [GPUS_PER_NODE=8] [CPUS_PER_TASK=5] [SRUN_ARGS="..."] \
 #     bash tools/slurm_test.sh PARTITION JOB_NAME CONFIG CHECKPOINT [test.py arguments]
-# srun starts GPUS tasks, GPUS_PER_NODE on each node, each one tools/test.py --launcher slurm
-# (mmengine's slurm launcher: one GPU per task). SRUN_ARGS is split into words for srun.
+# (tools/slurm_run.sh says what the variables do).
 set -euo pipefail
 if [ $# -lt 4 ]; then
   echo "usage: bash $0 PARTITION JOB_NAME CONFIG CHECKPOINT [test.py arguments]" >&2
   exit 2
 fi
-PARTITION=$1
-JOB_NAME=$2
-CONFIG=$3
-CHECKPOINT=$4
-GPUS=${GPUS:-8}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-CPUS_PER_TASK=${CPUS_PER_TASK:-5}
-SRUN_ARGS=${SRUN_ARGS:-""}
-HERE=$(cd "$(dirname "$0")" && pwd)
-PY=${PYTHON:-$HERE/../.venv/bin/python}
-[ -x "$PY" ] || PY=python
-
-set -x
-# shellcheck disable=SC2086  # SRUN_ARGS: several srun options in one variable, as in mmdet
-PYTHONPATH="$HERE/..:${PYTHONPATH:-}" \
-srun -p "$PARTITION" \
-    --job-name="$JOB_NAME" \
-    --gres=gpu:"$GPUS_PER_NODE" \
-    --ntasks="$GPUS" \
-    --ntasks-per-node="$GPUS_PER_NODE" \
-    --cpus-per-task="$CPUS_PER_TASK" \
-    --kill-on-bad-exit=1 \
-    $SRUN_ARGS \
-    "$PY" -u "$HERE/test.py" "$CONFIG" "$CHECKPOINT" --launcher="slurm" "${@:5}"
+exec bash "$(dirname "$0")/slurm_run.sh" test.py "$1" "$2" "$3" "$4" --launcher="slurm" "${@:5}"
