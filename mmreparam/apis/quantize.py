@@ -26,6 +26,7 @@ import math
 import os.path as osp
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -275,13 +276,16 @@ def _check_shape(got: Sequence[int], expected: Sequence[int], what: str) -> None
 def _calibration_reader(images: Iterator[np.ndarray], count: int, quantization):
     """An ``onnxruntime.quantization.CalibrationDataReader`` of ``count`` images, with a
     progress bar (the class is made here so that this module imports without onnxruntime).
+
+    The progress bars write to ``sys.stdout`` as it is when they start (mmengine's default is
+    the one at its import), so that a redirection or pytest's capture applies.
     """
     from mmengine.utils import track_iter_progress
 
     class Reader(quantization.CalibrationDataReader):
 
         def __init__(self):
-            self.images = iter(track_iter_progress((images, count)))
+            self.images = iter(track_iter_progress((images, count), file=sys.stdout))
 
         def get_next(self):
             image = next(self.images, None)
@@ -381,7 +385,7 @@ def _evaluate(model: nn.Module, session, loader, evaluator_cfg, shape: tuple,
     evaluator.dataset_meta = getattr(loader.dataset, 'metainfo', None)
     print_log(f'mmreparam.quantize: evaluating the {form} feature extractor', logger='current')
     with _features_from(model, session, shape):
-        for batch in track_iter_progress((loader, len(loader))):
+        for batch in track_iter_progress((loader, len(loader)), file=sys.stdout):
             evaluator.process(data_samples=model.test_step(batch), data_batch=batch)
     metrics = evaluator.evaluate(len(loader.dataset))
     return {k: float(v) for k, v in metrics.items() if _is_number(v)}
