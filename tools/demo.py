@@ -4,11 +4,16 @@ Steps, each through the real tools: generate the synthetic data sets
 (``tools/generate_data.py``); train an OREPA-R50 Faster R-CNN (mmdet) and an OREPA-R50-D8
 PSPNet (mmseg) with ``tools/train.py`` — :class:`mmreparam.FoldHook` writes ``deploy.pth``
 and ``deploy_config.py`` at the end; test the train-time checkpoint and the folded one with
-``tools/test.py``; then print (and save) a table of the metrics before and after the fold,
-the parameter counts and the CPU latency of both forms.
+``tools/test.py``; quantize the folded backbone (+ neck) to int8 with onnxruntime
+(:func:`mmreparam.apis.quantize_int8`, a few calibration images) and measure the metric
+with it under the PyTorch heads; then print (and save) a table of the metrics before and
+after the fold and after int8 quantization, the int8 vs float error, the parameter counts and
+the CPU latency of each form.
 """
 import argparse
+import contextlib
 import json
+import logging
 import os
 import os.path as osp
 import statistics
@@ -19,6 +24,9 @@ import time
 import torch
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+# int8 calibration and held-back images (of the 16 val images): few, to keep the demo short.
+CALIB_IMAGES = 8
+EVAL_IMAGES = 8
 TASKS = {
     'det': dict(config='configs/demo/faster-rcnn_orepa-r50_fpn_200i_synthetic.py',
                 metric='coco/bbox_mAP',
@@ -43,6 +51,24 @@ def run(step: str, cmd: list, log_path: str) -> None:
             sys.exit(f'[demo] {step} failed (exit {proc.returncode}); see {log_path}')
 
 
+@contextlib.contextmanager
+def output_to(log_path: str):
+    """Send what this process prints (print, warnings, mmengine's console log) to a log
+    file for the duration of the block, as :func:`run` keeps a tool's whole log."""
+    from mmengine.logging import MMLogger
+    MMLogger.get_current_instance()  # the console handler exists before the redirection
+    handlers = [h for logger in MMLogger._instance_dict.values() for h in logger.handlers
+                if type(h) is logging.StreamHandler]  # console, not file handlers
+    with open(log_path, 'w') as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        streams = [h.setStream(log) for h in handlers]
+        try:
+            yield
+        finally:
+            for handler, stream in zip(handlers, streams):
+                handler.setStream(stream)
+
+
 def latency(model, inputs, repeats=10) -> float:
     """Median seconds of one forward (eval, no grad) after two warm-up runs."""
     times = []
@@ -55,18 +81,24 @@ def latency(model, inputs, repeats=10) -> float:
     return statistics.median(times)
 
 
-def measure(config: str, checkpoint: str) -> dict:
-    """Parameters and latency of the train-time model and its fold, on one val batch."""
+def measure(config: str, checkpoint: str, int8_dir: str) -> dict:
+    """Parameters and latency of the train-time model and its fold, on one val batch, and
+    the int8 quantization of the fold (its report, see :func:`quantize_int8`)."""
     import copy
 
     from mmengine.config import Config
     from mmengine.runner import Runner
 
     import mmreparam
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    from fold import build_model, load_weights
+    from mmreparam.apis import quantize_int8
+    from mmreparam.cli.model import build_model, load_weights
     cfg = Config.fromfile(osp.join(ROOT, config))
-    cfg.test_dataloader.dataset.data_root = osp.join(ROOT, cfg.test_dataloader.dataset.data_root)
+    for split in ('val', 'test'):
+        dataset = cfg[f'{split}_dataloader'].dataset
+        dataset.data_root = osp.join(ROOT, dataset.data_root)
+        evaluator = cfg.get(f'{split}_evaluator')
+        if evaluator and evaluator.get('ann_file'):
+            evaluator.ann_file = osp.join(ROOT, evaluator.ann_file)
     model = build_model(cfg)
     load_weights(model, checkpoint)
     model.eval()
@@ -75,9 +107,56 @@ def measure(config: str, checkpoint: str) -> dict:
     batch = model.data_preprocessor(copy.deepcopy(next(iter(loader))), False)
     inputs = dict(inputs=batch['inputs'][:1], data_samples=batch['data_samples'][:1],
                   mode='tensor')
-    return dict(params=sum(p.numel() for p in model.parameters()),
-                params_folded=sum(p.numel() for p in folded.parameters()),
-                latency=latency(model, inputs), latency_folded=latency(folded, inputs))
+    stats = dict(params=sum(p.numel() for p in model.parameters()),
+                 params_folded=sum(p.numel() for p in folded.parameters()),
+                 latency=latency(model, inputs), latency_folded=latency(folded, inputs))
+    stats['int8'] = quantize_int8(folded, cfg, int8_dir, calib_images=CALIB_IMAGES,
+                                  eval_images=EVAL_IMAGES, latency_runs=10)
+    return stats
+
+
+def measure_task(n: int, task: str, ckpt: str, metrics: dict, work: str) -> tuple:
+    """Step ``n`` of a task after its tests: :func:`measure` (its output kept in
+    ``WORK/TASK_measure.log``); returns the task's row for :func:`results_table`."""
+    spec = TASKS[task]
+    print(f'[demo] {n}. {task}: measuring parameters and latency; int8 quantization of '
+          f'the folded backbone (+ neck), {CALIB_IMAGES} calibration images', flush=True)
+    int8_dir = osp.join(work, task, 'int8')
+    with output_to(osp.join(work, f'{task}_measure.log')):
+        stats = measure(spec['config'], ckpt, int8_dir)
+    int8, metric = stats['int8'], spec['metric']
+    print(f'        int8: {metric} {int8["int8"]["metrics"][metric]:.3f} (float ONNX '
+          f'{int8["float"]["metrics"][metric]:.3f}); {int8["float"]["size_bytes"] / 2**20:.1f}'
+          f' -> {int8["int8"]["size_bytes"] / 2**20:.1f} MiB; '
+          f'{osp.relpath(osp.join(int8_dir, "report.json"), ROOT)}', flush=True)
+    meta = torch.load(osp.join(work, task, 'deploy.pth'), map_location='cpu',
+                      weights_only=True)['meta']
+    return spec['label'], metric, metrics, stats, meta.get('fold_error') or {}
+
+
+def results_table(rows) -> str:
+    """The demo's table (markdown): one row per task from :func:`measure_task`."""
+    lines = [
+        '| model | metric, train-time | metric, folded | metric, int8 (float ONNX) | '
+        'fold error (max rel) | int8 vs float features: worst cosine, rel. error | '
+        'params train-time / folded | CPU latency train-time / folded (1 image) | '
+        'onnxruntime latency float / int8 (backbone + neck if any) |',
+        '|---|---|---|---|---|---|---|---|---|'
+    ]
+    for label, metric, metrics, stats, err in rows:
+        int8 = stats['int8']
+        outputs = int8['outputs']
+        lines.append(
+            f'| {label} | {metrics["train-time"]:.3f} | {metrics["folded"]:.3f} | '
+            f'{int8["int8"]["metrics"][metric]:.3f} '
+            f'({int8["float"]["metrics"][metric]:.3f}) | '
+            f'{err.get("max_rel", float("nan")):.2g} | '
+            f'{min(o["cosine_min"] for o in outputs):.4f}, '
+            f'{max(o["rel_error"] for o in outputs):.3f} | '
+            f'{stats["params"] / 1e6:.1f}M / {stats["params_folded"] / 1e6:.1f}M | '
+            f'{stats["latency"] * 1e3:.0f} ms / {stats["latency_folded"] * 1e3:.0f} ms | '
+            f'{int8["float"]["latency_ms"]:.0f} ms / {int8["int8"]["latency_ms"]:.0f} ms |')
+    return '\n'.join(lines)
 
 
 def main():
@@ -113,24 +192,8 @@ def main():
                 osp.join(work, f'{task}_test_{form}.log'))
             with open(out) as f:
                 metrics[form] = json.load(f)[spec['metric']]
-        print(f'[demo] {n}. {task}: measuring parameters and latency', flush=True)
-        stats = measure(spec['config'], ckpt)
-        meta = torch.load(osp.join(task_dir, 'deploy.pth'), map_location='cpu',
-                          weights_only=True)['meta']
-        rows.append((spec['label'], metrics, stats, meta.get('fold_error') or {}))
-
-    lines = [
-        '| model | metric, train-time | metric, folded | fold error (max rel) | '
-        'params train-time / folded | CPU latency train-time / folded (1 image) |',
-        '|---|---|---|---|---|---|'
-    ]
-    for label, metrics, stats, err in rows:
-        lines.append(
-            f'| {label} | {metrics["train-time"]:.3f} | {metrics["folded"]:.3f} | '
-            f'{err.get("max_rel", float("nan")):.2g} | '
-            f'{stats["params"] / 1e6:.1f}M / {stats["params_folded"] / 1e6:.1f}M | '
-            f'{stats["latency"] * 1e3:.0f} ms / {stats["latency_folded"] * 1e3:.0f} ms |')
-    table = '\n'.join(lines)
+        rows.append(measure_task(n, task, ckpt, metrics, work))
+    table = results_table(rows)
     with open(osp.join(work, 'demo_results.md'), 'w') as f:
         f.write(table + '\n')
     print('\n' + table)
