@@ -1,7 +1,7 @@
 """Quantize a trained model to int8: ``python tools/quantize.py CONFIG CHECKPOINT OUT_DIR``.
 
 Builds the model of the config, loads the checkpoint (train-time or folded), folds it and
-quantizes its backbone + neck with onnxruntime's static post-training quantization,
+quantizes its backbone (and neck, if any) with onnxruntime's static post-training quantization,
 calibrated on ``--calib`` images of the config's val (else test) dataloader. Writes
 ``OUT_DIR/model.onnx`` (float), ``OUT_DIR/model_int8.onnx`` and ``OUT_DIR/report.json``:
 int8 vs float error and cosine similarity on ``--eval`` held-back images, file sizes,
