@@ -9,6 +9,7 @@ through the API. Bad input is one error line, and a failure writes nothing.
 """
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,25 @@ def test_a_failure_writes_nothing(det, tmp_path, monkeypatch):
         quantize_int8(model, cfg, str(out), calib_images=2, eval_images=1, latency_runs=1)
     assert [p.name for p in out.iterdir()] == ['model_int8.onnx']
     assert (out / 'model_int8.onnx').read_text() == 'previous'
+
+
+def test_images_of_another_size_are_refused(det, tmp_path, capsys):
+    """The ONNX model has one input shape: a calibration image of another size is an error
+    that names both shapes, and nothing is written."""
+    from PIL import Image
+    cfg, ckpt = det
+    data = tmp_path / 'data' / 'det'
+    shutil.copytree(cfg.parent / 'data' / 'det', data)
+    image = data / 'val' / 'val_00001.png'
+    Image.open(image).resize((96, 64)).save(image)  # 96x64: the rest are 96x96
+    odd_cfg = tmp_path / 'det.py'
+    odd_cfg.write_text(DET_CFG.format(root=ROOT, data=tmp_path / 'data'))
+    assert quantize_tool().main([str(odd_cfg), str(ckpt), str(tmp_path / 'out'),
+                                 '--calib', '3', '--eval', '1']) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'a calibration image reaches the model as (1, 3, 64, 96), the ' \
+        'ONNX model was exported for (1, 3, 96, 96)' in err[0], err
+    assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.parametrize('args, message', [
