@@ -110,8 +110,8 @@ def quantize_int8(model: nn.Module, cfg, out_dir: str, calib_images: int = 32,
     loader = _single_image_loader(loader_cfg)
     if len(loader.dataset) < calib_images + eval_images:
         raise ValueError(f'the {split} data set has {len(loader.dataset)} images, fewer than '
-                         f'--calib {calib_images} + --eval {eval_images}: the held-back images '
-                         'must differ from the calibration images')
+                         f'the {calib_images} calibration + {eval_images} held-back images '
+                         'asked for (the held-back ones must differ from the calibration ones)')
     folded = fold(model).eval()
     extractor = _FeatureExtractor(folded).eval()
     images = _preprocessed_images(folded, loader)

@@ -228,7 +228,7 @@ def test_images_of_another_size_are_refused(det, tmp_path, capsys):
     (('{cfg}', '{ckpt}', '{ckpt}'), 'is a file'),
     (('{cfg}', '{ckpt}', '{out}', '--calib', '0'), '--calib must be at least 1'),
     (('{cfg}', '{ckpt}', '{out}', '--calib', '5', '--eval', '2'),
-     f'has {NUM_VAL} images, fewer than --calib 5 + --eval 2'),
+     f'has {NUM_VAL} images, fewer than the 5 calibration + 2 held-back images'),
 ])
 def test_tool_refuses_bad_input(det, tmp_path, capsys, args, message):
     cfg, ckpt = det
