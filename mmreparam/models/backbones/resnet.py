@@ -1,19 +1,19 @@
 """``mmreparam.ResNet``: mmdet's ResNet / ResNeXt / ResNetV1c / V1d with re-param blocks."""
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.normalization import GroupNorm
 
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType, pretrained_init
-from ..layers.factory import ConvNormAct, build_reparam_conv, check_reparam
+from ..layers.factory import ConvNormAct, build_reparam_conv, check_conv_cfg, check_reparam
 from .base import ReparamBackbone
 
 RELU = dict(type='ReLU', inplace=True)
-
 
 
 class _ResUnit(BaseModule):
@@ -58,17 +58,17 @@ class BasicBlock(_ResUnit):
                  style: str = 'pytorch', with_cp: bool = False,
                  norm_cfg: ConfigType = dict(type='BN'), dcn: OptConfigType = None,
                  deploy: bool = False, groups: int = 1, base_width: int = 64,
-                 init_cfg: OptConfigType = None):
+                 conv_cfg: OptConfigType = None, init_cfg: OptConfigType = None):
         super().__init__(with_cp, init_cfg)
         if dcn is not None:
             raise ValueError('dcn is only supported with Bottleneck units (depth >= 50), '
                              'as in mmdet')
         if groups != 1 or base_width != 64:
             raise ValueError('BasicBlock supports only groups=1 and base_width=64')
+        common = dict(norm_cfg=norm_cfg, deploy=deploy, conv_cfg=conv_cfg)
         self.conv1 = build_reparam_conv(reparam, inplanes, planes, 3, stride, dilation,
-                                        norm_cfg=norm_cfg, act_cfg=RELU, deploy=deploy)
-        self.conv2 = build_reparam_conv(reparam, planes, planes, 3, 1, dilation,
-                                        norm_cfg=norm_cfg, deploy=deploy)
+                                        act_cfg=RELU, **common)
+        self.conv2 = build_reparam_conv(reparam, planes, planes, 3, 1, dilation, **common)
         self.downsample = downsample
 
     last_conv_name = 'conv2'
@@ -91,27 +91,29 @@ class Bottleneck(_ResUnit):
                  style: str = 'pytorch', with_cp: bool = False,
                  norm_cfg: ConfigType = dict(type='BN'), dcn: OptConfigType = None,
                  deploy: bool = False, groups: int = 1, base_width: int = 4,
-                 init_cfg: OptConfigType = None):
+                 conv_cfg: OptConfigType = None, init_cfg: OptConfigType = None):
         super().__init__(with_cp, init_cfg)
         if style not in ('pytorch', 'caffe'):
             raise ValueError(f"style must be 'pytorch' or 'caffe', got {style!r}")
         width = planes if groups == 1 else (planes * base_width // 64) * groups
         stride1, stride2 = (1, stride) if style == 'pytorch' else (stride, 1)
-        self.conv1 = build_reparam_conv(reparam, inplanes, width, 1, stride1,
-                                        norm_cfg=norm_cfg, act_cfg=RELU, deploy=deploy)
+        common = dict(norm_cfg=norm_cfg, deploy=deploy, conv_cfg=conv_cfg)
+        self.conv1 = build_reparam_conv(reparam, inplanes, width, 1, stride1, act_cfg=RELU,
+                                        **common)
         if dcn is not None:  # as mmdet: fallback_on_stride=True keeps a plain 3x3 here
             dcn = dict(dcn)
             if dcn.pop('fallback_on_stride', False):
                 dcn = None
         if dcn is not None:
+            if conv_cfg is not None:
+                raise ValueError('conv_cfg must be None for the dcn stages (as in mmdet): '
+                                 f'dcn={dcn} builds their 3x3')
             self.conv2 = ConvNormAct(dcn, width, width, 3, stride2, dilation, groups,
-                                  norm_cfg=norm_cfg, act_cfg=RELU)
+                                     norm_cfg=norm_cfg, act_cfg=RELU)
         else:
             self.conv2 = build_reparam_conv(reparam, width, width, 3, stride2, dilation,
-                                            groups, norm_cfg=norm_cfg, act_cfg=RELU,
-                                            deploy=deploy)
-        self.conv3 = build_reparam_conv(reparam, width, planes * self.expansion, 1,
-                                        norm_cfg=norm_cfg, deploy=deploy)
+                                            groups, act_cfg=RELU, **common)
+        self.conv3 = build_reparam_conv(reparam, width, planes * self.expansion, 1, **common)
         self.downsample = downsample
 
     last_conv_name = 'conv3'
@@ -126,14 +128,15 @@ class ResidualBackbone(ReparamBackbone):
 
     def init_weights(self):
         """Initialize (or load a ``Pretrained`` checkpoint of any supported layout); with
-        ``zero_init_residual`` and no checkpoint, zero the BN scales ending each unit."""
+        ``zero_init_residual`` and the default initialization, zero the norm scales ending
+        each unit."""
         super().init_weights()
         pretrained = pretrained_init(self.init_cfg) is not None
         if self.zero_init_residual and not pretrained and getattr(self, '_default_init', True):
             for unit in self.modules():
                 if isinstance(unit, _ResUnit):
                     for m in unit.last_conv.modules():
-                        if isinstance(m, _BatchNorm) and m.affine:
+                        if isinstance(m, (_BatchNorm, GroupNorm)) and m.weight is not None:
                             nn.init.constant_(m.weight, 0)
 
     def stage_modules(self):
@@ -149,7 +152,7 @@ class ResidualBackbone(ReparamBackbone):
 class ResNet(ResidualBackbone):
     """ResNet / ResNeXt backbone whose convolutions are re-parameterizable blocks.
 
-    A drop-in for mmdet's ``ResNet`` (and mmseg's ``ResNetV1c`` / ``ResNetV1d`` through
+    A drop-in for mmdet's and mmseg's ``ResNet`` (and ``ResNetV1c`` / ``ResNetV1d`` through
     ``deep_stem`` / ``avg_down``): same arguments, same outputs (a tuple of stage features),
     plus ``reparam`` and ``deploy``. Each convolution + BN is a block chosen by the official
     per-kernel-size rule (:func:`mmreparam.models.layers.factory.reparam_block_type`); as in
@@ -174,16 +177,24 @@ class ResNet(ResidualBackbone):
         avg_down (bool): Average-pool in the shortcut before its 1x1. Defaults to False.
         contract_dilation (bool): Halve the dilation of the first unit of a dilated
             stage (mmseg). Defaults to False.
+        multi_grid (Sequence[int], optional): The dilations of the units of the last stage,
+            one per unit, in place of ``dilations[-1]`` (mmseg's ``multi_grid``; it wins
+            over ``contract_dilation`` there). Defaults to None.
         frozen_stages (int): Stages to freeze (-1: none, 0: the stem). Defaults to -1.
-        conv_cfg (dict, optional): Only None is meaningful (blocks build their own convs).
-        norm_cfg (dict): Any BatchNorm (BN, SyncBN). Defaults to ``dict(type='BN')``.
+        conv_cfg (dict, optional): Convolution config. ``reparam='base'`` builds every
+            convolution with it (mmcv's ``build_conv_layer``: ConvWS, ...; then nothing
+            folds); the re-param blocks build their own ``nn.Conv2d`` and take only None or
+            ``dict(type='Conv2d')``. Defaults to None.
+        norm_cfg (dict): Any BatchNorm (BN, SyncBN); with ``reparam='base'`` any norm mmcv's
+            ``build_norm_layer`` knows (GN, ...; only BatchNorms fold). Defaults to
+            ``dict(type='BN', requires_grad=True)``.
         norm_eval (bool): Keep BNs in eval mode while training. Defaults to True.
         dcn (dict, optional): Deformable conv config for the 3x3 of the chosen stages
             (these stay plain conv + BN), in mmdet's form: ``fallback_on_stride=True``
             keeps the re-param 3x3 there, as mmdet keeps its plain one. Defaults to None.
         stage_with_dcn (Sequence[bool]): Stages using ``dcn``.
         with_cp (bool): Gradient checkpointing of each unit. Defaults to False.
-        zero_init_residual (bool): Zero the BN scales of each unit's last block, so units
+        zero_init_residual (bool): Zero the norm scales of each unit's last block, so units
             start as identities; as in mmdet, only with the default initialization (no
             ``init_cfg``, no ``pretrained``). Defaults to True.
         groups (int): ResNeXt cardinality. Defaults to 1.
@@ -214,6 +225,7 @@ class ResNet(ResidualBackbone):
                  deep_stem: bool = False,
                  avg_down: bool = False,
                  contract_dilation: bool = False,
+                 multi_grid: Optional[Sequence[int]] = None,
                  frozen_stages: int = -1,
                  conv_cfg: OptConfigType = None,
                  norm_cfg: ConfigType = dict(type='BN', requires_grad=True),
@@ -254,13 +266,17 @@ class ResNet(ResidualBackbone):
             raise ValueError('strides and dilations need one value per stage')
         if not out_indices or max(out_indices) >= num_stages:
             raise ValueError(f'out_indices {tuple(out_indices)} must be stages < {num_stages}')
-        if conv_cfg is not None:
-            raise ValueError('conv_cfg is not supported: re-param blocks build their own '
-                             'convolutions (use dcn= for deformable 3x3s)')
+        if style not in ('pytorch', 'caffe'):
+            raise ValueError(f"style must be 'pytorch' or 'caffe', got {style!r}")
+        check_conv_cfg(reparam, conv_cfg)
         if plugins is not None:
             raise ValueError('plugins are not supported by mmreparam.ResNet')
         if dcn is not None and len(stage_with_dcn) != num_stages:
             raise ValueError('stage_with_dcn needs one value per stage')
+        block, stage_blocks = self.arch_settings[depth]
+        if multi_grid is not None and len(multi_grid) != stage_blocks[num_stages - 1]:
+            raise ValueError(f'multi_grid {tuple(multi_grid)} needs one dilation per unit of '
+                             f'the last stage ({stage_blocks[num_stages - 1]} units)')
         self.depth = depth
         self.stem_channels = stem_channels or base_channels
         self.base_channels = base_channels
@@ -272,12 +288,14 @@ class ResNet(ResidualBackbone):
         self.deep_stem = deep_stem
         self.avg_down = avg_down
         self.frozen_stages = frozen_stages
+        self.conv_cfg = conv_cfg
         self.norm_cfg = norm_cfg
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.zero_init_residual = zero_init_residual
+        self.multi_grid = multi_grid
         self._built_deploy = deploy
-        self.block, stage_blocks = self.arch_settings[depth]
+        self.block = block
 
         self._make_stem_layer(in_channels, self.stem_channels)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -285,9 +303,11 @@ class ResNet(ResidualBackbone):
         self.res_layers = []
         for i, num_blocks in enumerate(stage_blocks[:num_stages]):
             planes = base_channels * 2**i
+            unit_dilations = self._unit_dilations(
+                num_blocks, dilations[i], contract_dilation,
+                multi_grid if i == num_stages - 1 else None)
             layer = self._make_res_layer(
-                inplanes, planes, num_blocks, strides[i], dilations[i],
-                contract_dilation=contract_dilation,
+                inplanes, planes, num_blocks, strides[i], unit_dilations,
                 dcn=dcn if dcn is not None and stage_with_dcn[i] else None,
                 groups=groups, base_width=base_width if groups > 1 else
                 (64 if self.block is BasicBlock else 4))
@@ -302,7 +322,7 @@ class ResNet(ResidualBackbone):
         return build_reparam_conv(reparam or self.reparam, in_channels, out_channels,
                                   kernel_size, stride, dilation, groups,
                                   norm_cfg=self.norm_cfg, act_cfg=RELU if act else None,
-                                  deploy=self.deploy)
+                                  deploy=self._built_deploy, conv_cfg=self.conv_cfg)
 
     def _make_stem_layer(self, in_channels: int, stem_channels: int):
         if self.deep_stem:
@@ -313,8 +333,18 @@ class ResNet(ResidualBackbone):
         else:
             self.stem = self._conv(in_channels, stem_channels, 7, stride=2)
 
-    def _make_res_layer(self, inplanes, planes, num_blocks, stride, dilation,
-                        contract_dilation, dcn, groups, base_width) -> nn.Sequential:
+    @staticmethod
+    def _unit_dilations(num_blocks: int, dilation: int, contract_dilation: bool,
+                        multi_grid: Optional[Sequence[int]]) -> List[int]:
+        """The dilation of each unit of a stage, as mmseg's ``ResLayer``: ``multi_grid`` if
+        given, else ``dilation`` (halved for the first unit with ``contract_dilation``)."""
+        if multi_grid is not None:
+            return list(multi_grid)
+        first = dilation // 2 if contract_dilation and dilation > 1 else dilation
+        return [first] + [dilation] * (num_blocks - 1)
+
+    def _make_res_layer(self, inplanes, planes, num_blocks, stride, dilations, dcn, groups,
+                        base_width) -> nn.Sequential:
         out_channels = planes * self.block.expansion
         downsample = None
         if stride != 1 or inplanes != out_channels:
@@ -329,16 +359,15 @@ class ResNet(ResidualBackbone):
             layers.append(self._conv(inplanes, out_channels, 1, conv_stride, act=False,
                                      reparam=reparam))
             downsample = nn.Sequential(*layers)
-        first_dilation = dilation // 2 if contract_dilation and dilation > 1 else dilation
         units = []
         for i in range(num_blocks):
             units.append(
                 self.block(inplanes if i == 0 else out_channels, planes, self.reparam,
-                           stride=stride if i == 0 else 1,
-                           dilation=first_dilation if i == 0 else dilation,
+                           stride=stride if i == 0 else 1, dilation=dilations[i],
                            downsample=downsample if i == 0 else None, style=self.style,
                            with_cp=self.with_cp, norm_cfg=self.norm_cfg, dcn=dcn,
-                           deploy=self.deploy, groups=groups, base_width=base_width))
+                           deploy=self._built_deploy, groups=groups, base_width=base_width,
+                           conv_cfg=self.conv_cfg))
         return nn.Sequential(*units)
 
 

@@ -1,5 +1,6 @@
 """mmreparam.ResNet: mmdet parity, every reparam folds exactly, freezing, stem lr_mult."""
 import copy
+import re
 
 import pytest
 import torch
@@ -31,22 +32,26 @@ def small(depth=50, **kwargs):
     return randomize_bn(model, seed=2).eval()
 
 
-def mmdet_to_ours(state):
-    """Test-side key map of mmdet's ResNet (pytorch style, 7x7 stem) to reparam='base'."""
+def mmdet_to_ours(state, norm='bn'):
+    """Test-side key map of mmdet's (or mmseg's) ResNet (pytorch style, 7x7 stem) to
+    reparam='base'; ``norm`` is mmcv's name of the norm (``bn``, ``gn``). Plugin keys
+    (``layer2.0.context_block.*``) are the same in both."""
     out = {}
     for key, value in state.items():
         parts = key.split('.')
-        if parts[0] in ('conv1', 'bn1'):
-            out[f'stem.{"conv" if parts[0] == "conv1" else "bn"}.{parts[-1]}'] = value
+        if parts[0] in ('conv1', f'{norm}1'):
+            out[f'stem.{"conv" if parts[0] == "conv1" else norm}.{parts[-1]}'] = value
             continue
         layer, unit, name = parts[0], parts[1], parts[2]
         if name == 'downsample':
-            sub = 'conv' if parts[3] == '0' else 'bn'
+            sub = 'conv' if parts[3] == '0' else norm
             out[f'{layer}.{unit}.downsample.0.{sub}.{parts[-1]}'] = value
-        elif name.startswith('conv'):
-            out[f'{layer}.{unit}.{name}.conv.{parts[-1]}'] = value
-        else:  # bnK
-            out[f'{layer}.{unit}.conv{name[2:]}.bn.{parts[-1]}'] = value
+        elif re.fullmatch(r'conv\d', name):
+            out[f'{layer}.{unit}.{name}.conv.{".".join(parts[3:])}'] = value
+        elif re.fullmatch(fr'{norm}\d', name):
+            out[f'{layer}.{unit}.conv{name[len(norm):]}.{norm}.{parts[-1]}'] = value
+        else:  # a plugin
+            out[key] = value
     return out
 
 
@@ -148,7 +153,8 @@ def test_with_cp_gives_the_same_gradients():
     (dict(depth=42), 'depth'),
     (dict(depth=50, reparam='XYZ'), 'reparam'),
     (dict(depth=50, out_indices=(4, )), 'out_indices'),
-    (dict(depth=50, conv_cfg=dict(type='Conv2d')), 'conv_cfg'),
+    (dict(depth=50, conv_cfg=dict(type='ConvWS')), 'conv_cfg'),
+    (dict(depth=18, style='tensorflow'), 'style'),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -226,3 +232,116 @@ def test_mmdet_dcn_form_with_fallback_on_stride(fallback):
     assert dcn['fallback_on_stride'] is fallback  # the caller's dict is not changed
     model.init_weights()
     assert model(torch.randn(1, 3, 128, 128))[-1].shape == (1, 256, 4, 4)
+
+
+def mmseg_multi_grid(**kwargs):
+    from mmseg.models.backbones import ResNet as SegResNet
+    torch.manual_seed(0)
+    model = randomize_bn(SegResNet(50, base_channels=8, stem_channels=8, **kwargs), seed=3)
+    model.eval()  # mmseg's train() returns None
+    return model
+
+
+@pytest.mark.parametrize('contract_dilation', [False, True])
+def test_multi_grid_matches_mmseg(contract_dilation):
+    kwargs = dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), multi_grid=(1, 2, 4),
+                  contract_dilation=contract_dilation)
+    seg = mmseg_multi_grid(**kwargs)
+    ours = ResNet(50, reparam='base', **SMALL, **kwargs)
+    assert [unit.conv2.dilation for unit in ours.layer4] == [1, 2, 4]
+    assert [unit.conv2.dilation[0] for unit in seg.layer4] == [1, 2, 4]
+    first3 = 1 if contract_dilation else 2  # multi_grid is for the last stage only
+    assert [unit.conv2.dilation for unit in ours.layer3] == [first3] + [2] * 5
+    ours.load_state_dict(mmdet_to_ours(seg.state_dict()), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(seg(x), ours.eval()(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    folded = mmreparam.fold(small(50, reparam='OREPA', **kwargs))
+    assert [unit.conv2.reparam_conv.dilation for unit in folded.layer4] == [(1, 1), (2, 2),
+                                                                          (4, 4)]
+
+
+def test_multi_grid_needs_one_dilation_per_unit():
+    with pytest.raises(ValueError, match='multi_grid'):
+        ResNet(50, multi_grid=(1, 2), **SMALL)
+    with pytest.raises(ValueError, match='multi_grid'):  # 3 stages: layer3 has 6 units
+        ResNet(50, num_stages=3, strides=(1, 2, 2), dilations=(1, 1, 1),
+               out_indices=(2, ), multi_grid=(1, 2, 4), **SMALL)
+
+
+def test_conv_cfg_with_base_builds_every_conv_with_it():
+    from mmcv.cnn.bricks.conv_ws import ConvWS2d
+    from mmdet.models.backbones import ResNet as DetResNet
+    torch.manual_seed(0)
+    det = randomize_bn(DetResNet(50, base_channels=8, conv_cfg=dict(type='ConvWS')), seed=3)
+    det.eval()
+    ours = ResNet(50, reparam='base', conv_cfg=dict(type='ConvWS'), **SMALL)
+    convs = [m for m in ours.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(isinstance(m, ConvWS2d) for m in convs)
+    ours.load_state_dict(mmdet_to_ours(det.state_dict()), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(det(x), ours.eval()(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('conv_cfg', [None, dict(type='Conv2d'), dict(type='Conv')])
+@pytest.mark.parametrize('reparam', ['base', 'OREPA', 'DBB'])
+def test_plain_conv_cfg_keeps_the_reparam_blocks(conv_cfg, reparam):
+    default = block_types(ResNet(50, reparam=reparam, **SMALL))
+    assert block_types(ResNet(50, reparam=reparam, conv_cfg=conv_cfg, **SMALL)) == default
+
+
+@pytest.mark.parametrize('conv_cfg', [dict(type='ConvWS'), dict(type='DCN'),
+                                      dict(type='Conv2d', padding_mode='reflect')])
+@pytest.mark.parametrize('reparam', ['OREPA', 'RepVGG'])
+def test_reparam_blocks_refuse_other_conv_cfgs(conv_cfg, reparam):
+    with pytest.raises(ValueError, match=r"conv_cfg=.*reparam=.*fold them into one"):
+        ResNet(50, reparam=reparam, conv_cfg=conv_cfg, **SMALL)
+
+
+def test_group_norm_with_base_matches_mmdet():
+    from mmdet.models.backbones import ResNet as DetResNet
+    gn = dict(type='GN', num_groups=4, requires_grad=True)
+    torch.manual_seed(0)
+    det = DetResNet(50, base_channels=8, norm_cfg=gn)
+    randomize_parameters(det, ('weight', 'bias'), seed=1, scale=0.3)
+    ours = ResNet(50, reparam='base', norm_cfg=gn, **SMALL)
+    norms = [m for m in ours.modules() if isinstance(m, (nn.GroupNorm, _BatchNorm))]
+    assert len(norms) == 53 and all(isinstance(m, nn.GroupNorm) for m in norms)
+    ours.load_state_dict(mmdet_to_ours(det.state_dict(), norm='gn'), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    det.eval()
+    with torch.no_grad():
+        for a, b in zip(det(x), ours.eval()(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        folded = mmreparam.fold(ours)  # nothing folds: GN has no conv equivalent
+        for a, b in zip(ours(x), folded(x)):
+            assert torch.equal(a, b)
+    ours.init_weights()  # the default init: zero_init_residual zeroes the last GN
+    assert all((unit.conv3.gn.weight == 0).all() for unit in ours.layer1)
+
+
+@pytest.mark.parametrize('reparam', ['OREPA', 'DBB', 'RepVGG'])
+def test_reparam_blocks_still_refuse_group_norm(reparam):
+    with pytest.raises(TypeError, match='need a BatchNorm'):
+        ResNet(50, reparam=reparam, norm_cfg=dict(type='GN', num_groups=4), **SMALL)
+
+
+@pytest.mark.parametrize('init_cfg', [None, [dict(type='Kaiming', layer='Conv2d'),
+                                             dict(type='Constant', val=1,
+                                                  layer='_BatchNorm')]])
+@pytest.mark.parametrize('zero_init_residual', [True, False])
+def test_zero_init_residual_as_mmdet_decides(init_cfg, zero_init_residual):
+    from mmdet.models.backbones import ResNet as DetResNet
+    kwargs = dict(base_channels=8, zero_init_residual=zero_init_residual, init_cfg=init_cfg)
+    det, ours = DetResNet(50, **kwargs), ResNet(50, reparam='base', **kwargs)
+    det.init_weights()
+    ours.init_weights()
+    det_zeroed = [bool((unit.norm3.weight == 0).all()) for layer in det.res_layers
+                  for unit in getattr(det, layer)]
+    ours_zeroed = [bool((unit.conv3.bn.weight == 0).all()) for layer in ours.stage_modules()
+                   for unit in layer]
+    assert ours_zeroed == det_zeroed
+    assert set(det_zeroed) == {zero_init_residual and init_cfg is None}
