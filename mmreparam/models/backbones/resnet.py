@@ -3,7 +3,8 @@ from typing import List, Optional, Sequence
 
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from mmengine.model import BaseModule
+from mmcv.cnn import build_plugin_layer
+from mmengine.model import BaseModule, Sequential
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.normalization import GroupNorm
@@ -14,6 +15,49 @@ from ..layers.factory import ConvNormAct, build_reparam_conv, check_conv_cfg, ch
 from .base import ReparamBackbone
 
 RELU = dict(type='ReLU', inplace=True)
+
+#: Where a plugin may go in a :class:`Bottleneck` (mmdet's positions).
+PLUGIN_POSITIONS = ('after_conv1', 'after_conv2', 'after_conv3')
+
+
+def check_plugins(plugins: Optional[Sequence[dict]], num_stages: Optional[int] = None) -> list:
+    """Check mmdet's ``plugins`` form and return it as a list (``[]`` for None).
+
+    Each plugin is ``dict(cfg=dict(type=...), position='after_conv1' | 'after_conv2' |
+    'after_conv3', stages=None | one bool per stage)``; ``stages`` is checked against
+    ``num_stages`` when given.
+
+    Raises:
+        ValueError: A plugin is not of that form.
+    """
+    if plugins is None:
+        return []
+    if isinstance(plugins, dict) or not isinstance(plugins, Sequence):
+        raise ValueError(f'plugins must be a list of dict(cfg=..., position=...), got '
+                         f'{type(plugins).__name__}')
+    for plugin in plugins:
+        if not isinstance(plugin, dict) or not isinstance(plugin.get('cfg'), dict):
+            raise ValueError(f'each plugin must be a dict with a cfg dict, got {plugin!r}')
+        if plugin.get('position') not in PLUGIN_POSITIONS:
+            raise ValueError(f'plugin position must be one of {PLUGIN_POSITIONS}, got '
+                             f'{plugin.get("position")!r}')
+        stages = plugin.get('stages')
+        if num_stages is not None and stages is not None and len(stages) != num_stages:
+            raise ValueError(f'plugin stages {tuple(stages)} need one value per stage '
+                             f'(num_stages={num_stages})')
+    return list(plugins)
+
+
+def stage_plugins(plugins: Sequence[dict], stage: int) -> List[dict]:
+    """The plugins of stage ``stage`` (those whose ``stages`` is None or true there), without
+    their ``stages`` key, as mmdet's ``ResNet.make_stage_plugins``."""
+    chosen = []
+    for plugin in plugins:
+        stages = plugin.get('stages')
+        if stages is None or stages[stage]:
+            chosen.append({key: value for key, value in plugin.items() if key != 'stages'})
+    return chosen
+
 
 
 class _ResUnit(BaseModule):
@@ -50,7 +94,10 @@ class _ResUnit(BaseModule):
 
 
 class BasicBlock(_ResUnit):
-    """ResNet basic unit: ``conv1 (3x3, ReLU) -> conv2 (3x3)`` plus the shortcut."""
+    """ResNet basic unit: ``conv1 (3x3, ReLU) -> conv2 (3x3)`` plus the shortcut.
+
+    As in mmdet, it takes no ``dcn`` and no ``plugins`` (those need :class:`Bottleneck`).
+    """
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, reparam: str, stride: int = 1,
@@ -58,10 +105,14 @@ class BasicBlock(_ResUnit):
                  style: str = 'pytorch', with_cp: bool = False,
                  norm_cfg: ConfigType = dict(type='BN'), dcn: OptConfigType = None,
                  deploy: bool = False, groups: int = 1, base_width: int = 64,
-                 conv_cfg: OptConfigType = None, init_cfg: OptConfigType = None):
+                 conv_cfg: OptConfigType = None, plugins: Optional[List[dict]] = None,
+                 init_cfg: OptConfigType = None):
         super().__init__(with_cp, init_cfg)
         if dcn is not None:
             raise ValueError('dcn is only supported with Bottleneck units (depth >= 50), '
+                             'as in mmdet')
+        if plugins:
+            raise ValueError('plugins are only supported with Bottleneck units (depth >= 50), '
                              'as in mmdet')
         if groups != 1 or base_width != 64:
             raise ValueError('BasicBlock supports only groups=1 and base_width=64')
@@ -82,7 +133,13 @@ class Bottleneck(_ResUnit):
 
     The stride is on the ``3x3`` for ``style='pytorch'`` and on the first ``1x1`` for
     ``'caffe'``. With ``groups > 1`` (ResNeXt) the width is
-    ``floor(planes * base_width / 64) * groups``.
+    ``floor(planes * base_width / 64) * groups``. ``plugins`` (mmdet's form, without
+    ``stages``: see :class:`ResNet`) are built with mmcv's ``build_plugin_layer`` and run
+    after ``conv1``, ``conv2`` (both with their ReLU; ``width`` channels) or ``conv3``
+    (before the shortcut is added; ``planes * 4`` channels), in their order; each is a
+    child named as mmcv names it (``context_block``, ``nonlocal_block``,
+    ``gen_attention_block``, + ``cfg['postfix']``), as in mmdet. They are not part of any
+    re-param block, so a fold leaves them as they are.
     """
     expansion = 4
 
@@ -91,10 +148,12 @@ class Bottleneck(_ResUnit):
                  style: str = 'pytorch', with_cp: bool = False,
                  norm_cfg: ConfigType = dict(type='BN'), dcn: OptConfigType = None,
                  deploy: bool = False, groups: int = 1, base_width: int = 4,
-                 conv_cfg: OptConfigType = None, init_cfg: OptConfigType = None):
+                 conv_cfg: OptConfigType = None, plugins: Optional[List[dict]] = None,
+                 init_cfg: OptConfigType = None):
         super().__init__(with_cp, init_cfg)
         if style not in ('pytorch', 'caffe'):
             raise ValueError(f"style must be 'pytorch' or 'caffe', got {style!r}")
+        plugins = check_plugins(plugins)
         width = planes if groups == 1 else (planes * base_width // 64) * groups
         stride1, stride2 = (1, stride) if style == 'pytorch' else (stride, 1)
         common = dict(norm_cfg=norm_cfg, deploy=deploy, conv_cfg=conv_cfg)
@@ -115,11 +174,44 @@ class Bottleneck(_ResUnit):
                                             groups, act_cfg=RELU, **common)
         self.conv3 = build_reparam_conv(reparam, width, planes * self.expansion, 1, **common)
         self.downsample = downsample
+        channels = dict(after_conv1=width, after_conv2=width,
+                        after_conv3=planes * self.expansion)
+        for position in PLUGIN_POSITIONS:
+            names = self._make_plugins([p['cfg'] for p in plugins
+                                        if p['position'] == position], channels[position])
+            setattr(self, f'{position}_plugin_names', names)
 
     last_conv_name = 'conv3'
 
+    def _make_plugins(self, cfgs: List[dict], in_channels: int) -> List[str]:
+        names = []
+        for cfg in cfgs:
+            cfg = dict(cfg)
+            try:
+                name, layer = build_plugin_layer(cfg, postfix=cfg.pop('postfix', ''),
+                                                 in_channels=in_channels)
+            except KeyError as err:
+                if 'Cannot find' not in str(err):
+                    raise
+                # mmcv's message names None, not the type.
+                raise KeyError(f'unknown plugin type {cfg.get("type")!r} (a type of the '
+                               f'registry of the default scope): {err}') from err
+            if hasattr(self, name):
+                raise ValueError(f'duplicate plugin name {name!r} in one unit: give each '
+                                 "plugin of a type its own cfg['postfix']")
+            self.add_module(name, layer)
+            names.append(name)
+        return names
+
+    def _plugins(self, x: Tensor, names: List[str]) -> Tensor:
+        for name in names:
+            x = getattr(self, name)(x)
+        return x
+
     def _residual(self, x: Tensor) -> Tensor:
-        return self.conv3(self.conv2(self.conv1(x)))
+        out = self._plugins(self.conv1(x), self.after_conv1_plugin_names)
+        out = self._plugins(self.conv2(out), self.after_conv2_plugin_names)
+        return self._plugins(self.conv3(out), self.after_conv3_plugin_names)
 
 
 class ResidualBackbone(ReparamBackbone):
@@ -193,6 +285,11 @@ class ResNet(ResidualBackbone):
             (these stay plain conv + BN), in mmdet's form: ``fallback_on_stride=True``
             keeps the re-param 3x3 there, as mmdet keeps its plain one. Defaults to None.
         stage_with_dcn (Sequence[bool]): Stages using ``dcn``.
+        plugins (list[dict], optional): mmdet's plugins of the Bottleneck units (depth >= 50):
+            ``dict(cfg=dict(type='ContextBlock' | 'GeneralizedAttention' | 'NonLocal2d' |
+            ..., ...), position='after_conv1' | 'after_conv2' | 'after_conv3',
+            stages=None | one bool per stage)``, built with mmcv's ``build_plugin_layer``
+            (see :class:`Bottleneck`); they stay as they are after a fold. Defaults to None.
         with_cp (bool): Gradient checkpointing of each unit. Defaults to False.
         zero_init_residual (bool): Zero the norm scales of each unit's last block, so units
             start as identities; as in mmdet, only with the default initialization (no
@@ -232,7 +329,7 @@ class ResNet(ResidualBackbone):
                  norm_eval: bool = True,
                  dcn: OptConfigType = None,
                  stage_with_dcn: Sequence[bool] = (False, False, False, False),
-                 plugins=None,
+                 plugins: Optional[Sequence[dict]] = None,
                  with_cp: bool = False,
                  zero_init_residual: bool = True,
                  groups: int = 1,
@@ -269,11 +366,13 @@ class ResNet(ResidualBackbone):
         if style not in ('pytorch', 'caffe'):
             raise ValueError(f"style must be 'pytorch' or 'caffe', got {style!r}")
         check_conv_cfg(reparam, conv_cfg)
-        if plugins is not None:
-            raise ValueError('plugins are not supported by mmreparam.ResNet')
+        plugins = check_plugins(plugins, num_stages)
         if dcn is not None and len(stage_with_dcn) != num_stages:
             raise ValueError('stage_with_dcn needs one value per stage')
         block, stage_blocks = self.arch_settings[depth]
+        if plugins and block is BasicBlock:
+            raise ValueError(f'plugins need Bottleneck units (depth >= 50), as in mmdet; '
+                             f'depth {depth} has BasicBlocks')
         if multi_grid is not None and len(multi_grid) != stage_blocks[num_stages - 1]:
             raise ValueError(f'multi_grid {tuple(multi_grid)} needs one dilation per unit of '
                              f'the last stage ({stage_blocks[num_stages - 1]} units)')
@@ -293,6 +392,7 @@ class ResNet(ResidualBackbone):
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.zero_init_residual = zero_init_residual
+        self.plugins = plugins
         self.multi_grid = multi_grid
         self._built_deploy = deploy
         self.block = block
@@ -309,6 +409,7 @@ class ResNet(ResidualBackbone):
             layer = self._make_res_layer(
                 inplanes, planes, num_blocks, strides[i], unit_dilations,
                 dcn=dcn if dcn is not None and stage_with_dcn[i] else None,
+                plugins=stage_plugins(plugins, i),
                 groups=groups, base_width=base_width if groups > 1 else
                 (64 if self.block is BasicBlock else 4))
             inplanes = planes * self.block.expansion
@@ -343,8 +444,8 @@ class ResNet(ResidualBackbone):
         first = dilation // 2 if contract_dilation and dilation > 1 else dilation
         return [first] + [dilation] * (num_blocks - 1)
 
-    def _make_res_layer(self, inplanes, planes, num_blocks, stride, dilations, dcn, groups,
-                        base_width) -> nn.Sequential:
+    def _make_res_layer(self, inplanes, planes, num_blocks, stride, dilations, dcn, plugins,
+                        groups, base_width) -> Sequential:
         out_channels = planes * self.block.expansion
         downsample = None
         if stride != 1 or inplanes != out_channels:
@@ -367,8 +468,10 @@ class ResNet(ResidualBackbone):
                            downsample=downsample if i == 0 else None, style=self.style,
                            with_cp=self.with_cp, norm_cfg=self.norm_cfg, dcn=dcn,
                            deploy=self._built_deploy, groups=groups, base_width=base_width,
-                           conv_cfg=self.conv_cfg))
-        return nn.Sequential(*units)
+                           conv_cfg=self.conv_cfg, plugins=plugins or None))
+        # mmengine's Sequential, as mmdet's ResLayer: init_weights() reaches the units, and
+        # through them the plugins' and DCNs' own init_weights().
+        return Sequential(*units)
 
 
 __all__ = ['ResNet', 'BasicBlock', 'Bottleneck']

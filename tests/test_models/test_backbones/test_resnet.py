@@ -234,6 +234,105 @@ def test_mmdet_dcn_form_with_fallback_on_stride(fallback):
     assert model(torch.randn(1, 3, 128, 128))[-1].shape == (1, 256, 4, 4)
 
 
+# Plugins at every position (and stage selections), as mmdet's configs write them.
+PLUGINS = [
+    dict(cfg=dict(type='GeneralizedAttention', spatial_range=-1, num_heads=2,
+                  attention_type='0010', kv_stride=2),
+         stages=(False, True, False, False), position='after_conv1'),
+    dict(cfg=dict(type='NonLocal2d'), stages=(False, False, True, False),
+         position='after_conv2'),
+    dict(cfg=dict(type='ContextBlock', ratio=1. / 4, postfix=1), position='after_conv3'),
+    dict(cfg=dict(type='ContextBlock', ratio=1. / 4, postfix=2),
+         stages=(True, False, False, True), position='after_conv3'),
+]
+
+
+def randomized(model, seed=1):
+    """Random parameters everywhere (plugins start as identities: zero last convs) and
+    random BN statistics."""
+    randomize_parameters(model, ('weight', 'bias'), seed=seed, scale=0.2)
+    randomize_bn(model, seed=seed + 1).eval()  # mmdet's train() returns None
+    return model
+
+
+def test_plugins_match_mmdet():
+    from mmdet.models.backbones import ResNet as DetResNet
+    torch.manual_seed(0)
+    det = randomized(DetResNet(50, base_channels=8, plugins=PLUGINS))
+    ours = ResNet(50, reparam='base', plugins=PLUGINS, **SMALL)
+    ours.load_state_dict(mmdet_to_ours(det.state_dict()), strict=True)
+    ours.eval()
+    assert ours.layer2[0].gen_attention_block.in_channels == 16  # width after conv1
+    assert ours.layer3[1].nonlocal_block.in_channels == 32
+    assert ours.layer1[0].context_block1.in_channels == 32  # planes * 4 after conv3
+    assert not hasattr(ours.layer2[0], 'context_block2')
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(det(x), ours(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('reparam', ['OREPA', 'DBB', 'base'])
+def test_plugins_survive_fold_and_deploy(reparam):
+    model = small(50, reparam=reparam, plugins=PLUGINS)
+    randomize_parameters(model, ('conv_mask.weight', 'channel_add_conv.3.weight',
+                                 'conv_out.conv.weight'), seed=3)
+    x = torch.randn(1, 3, 48, 48)
+    folded = mmreparam.fold(model)
+    err = mmreparam.fold_error(model, folded, x)
+    assert err['max_rel'] < 1e-5, err
+    assert isinstance(folded.layer1[0].context_block1, type(model.layer1[0].context_block1))
+    deploy = ResNet(50, reparam=reparam, deploy=True, plugins=PLUGINS, **SMALL).eval()
+    deploy.load_state_dict(folded.state_dict(), strict=True)
+    with torch.no_grad():
+        for a, b in zip(folded(x), deploy(x)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('kwargs,error,match', [
+    (dict(depth=18, plugins=[dict(cfg=dict(type='ContextBlock', ratio=.25),
+                                  position='after_conv2')]), ValueError, 'Bottleneck'),
+    (dict(depth=50, plugins=[dict(cfg=dict(type='ContextBlock', ratio=.25),
+                                  position='after_conv4')]), ValueError, 'position'),
+    (dict(depth=50, plugins=[dict(cfg=dict(type='ContextBlock', ratio=.25),
+                                  stages=(True, False), position='after_conv3')]),
+     ValueError, 'one value per stage'),
+    (dict(depth=50, plugins=[dict(cfg=dict(type='ContextBlock', ratio=.25),
+                                  position='after_conv3')] * 2), ValueError, 'postfix'),
+    (dict(depth=50, plugins=dict(cfg=dict(type='ContextBlock'), position='after_conv3')),
+     ValueError, 'list'),
+    (dict(depth=50, plugins=[dict(cfg=dict(type='NoSuchPlugin'), position='after_conv3')]),
+     KeyError, 'NoSuchPlugin'),
+])
+def test_bad_plugins(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ResNet(base_channels=8, **kwargs)
+
+
+def test_plugins_and_dcn_initialize_as_in_mmdet():
+    """NonLocal2d zeroes its output conv and DCNv2 its offsets in their own init_weights();
+    mmdet's ResNet reaches them, so must ours (else the Kaiming init would stay there)."""
+    from mmdet.models.backbones import ResNet as DetResNet
+    kwargs = dict(base_channels=8, plugins=[dict(cfg=dict(type='NonLocal2d'),
+                                                 position='after_conv2')],
+                  dcn=dict(type='DCNv2', deform_groups=1, fallback_on_stride=False),
+                  stage_with_dcn=(False, True, False, False))
+    det = DetResNet(50, **kwargs)
+    ours = ResNet(50, reparam='OREPA', **kwargs)
+    det.init_weights()
+    ours.init_weights()
+    det_offset = det.layer2[0].conv2.conv_offset.weight
+    ours_offset = ours.layer2[0].conv2.conv.conv_offset.weight
+    det_out = det.layer1[0].nonlocal_block.conv_out.conv.weight
+    ours_out = ours.layer1[0].nonlocal_block.conv_out.conv.weight
+    assert (det_offset == 0).all() and (det_out == 0).all()  # what mmdet does
+    assert (ours_offset == 0).all() and (ours_out == 0).all()
+    # NonLocal2d's normal_init(std=0.01) of its other convs, not the backbone's Kaiming
+    # (std sqrt(2 / 32) = 0.25 here), is the last word in both.
+    for model in (det, ours):
+        assert model.layer1[0].nonlocal_block.g.conv.weight.std() < 0.02
+
+
 def mmseg_multi_grid(**kwargs):
     from mmseg.models.backbones import ResNet as SegResNet
     torch.manual_seed(0)
