@@ -91,7 +91,7 @@ class RepOptVGG(RepVGG):
             default init, as the official RepOpt-VGG. ``Pretrained`` only with 'target'.
     """
     arch_settings = {
-        **{name: arch for name, arch in RepVGG.arch_settings.items() if not arch['use_se']},
+        **{name: arch for name, arch in RepVGG.arch_settings.items() if arch['se_cfg'] is None},
         'L1': dict(RepVGG.arch_settings['B1'], num_blocks=[8, 14, 24, 1]),
         'L2': dict(RepVGG.arch_settings['B2'], num_blocks=[8, 14, 24, 1]),
     }
@@ -131,8 +131,9 @@ class RepOptVGG(RepVGG):
             raise TypeError(f"scales must be 'const', a file or a dict, got "
                             f'{type(scales).__name__}')
         super().__init__(arch, self.reparam, in_channels, base_channels, out_indices, strides,
-                         dilations, frozen_stages, norm_cfg, act_cfg, with_cp, norm_eval,
-                         deploy, init_cfg)
+                         dilations, frozen_stages, norm_cfg=norm_cfg, act_cfg=act_cfg,
+                         with_cp=with_cp, norm_eval=norm_eval, deploy=deploy,
+                         init_cfg=init_cfg)
         self.arch_name = arch if isinstance(arch, str) else 'custom'
         self.scales = scales
 
@@ -140,8 +141,8 @@ class RepOptVGG(RepVGG):
         if isinstance(arch, str) and arch not in self.arch_settings:
             raise ValueError(f'unknown RepOptVGG arch {arch!r}; choose one of '
                              f'{list(self.arch_settings)}')
-        if isinstance(arch, dict) and arch.get('use_se'):
-            raise ValueError('RepOpt-VGG has no SE variant (arch use_se=True)')
+        if isinstance(arch, dict) and (arch.get('use_se') or arch.get('se_cfg') is not None):
+            raise ValueError('RepOpt-VGG has no SE variant (arch use_se=True / se_cfg)')
         return super()._check_arch(arch)
 
     def repopt_blocks(self) -> Dict[str, ReparamBlock]:

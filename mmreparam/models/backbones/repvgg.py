@@ -1,8 +1,16 @@
-"""``mmreparam.RepVGG``: RepVGG (Ding et al., CVPR 2021) with RepVGG or OREPA-VGG blocks."""
-from typing import Sequence, Union
+"""``mmreparam.RepVGG``: RepVGG (Ding et al., CVPR 2021) with RepVGG or OREPA-VGG blocks.
 
+A drop-in for mmpretrain's ``RepVGG``: the same arch table and arch-dict keys
+(``stem_channels``, ``se_cfg``, ``group_layer_map``), plus ``reparam`` to choose the block.
+"""
+import inspect
+from typing import Optional, Sequence, Union
+
+import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
+from mmcv.cnn import build_activation_layer, build_conv_layer
+from mmengine.model import BaseModule
 from torch import Tensor
 
 from ...registry import MODELS
@@ -15,10 +23,89 @@ _GROUPED_LAYERS = tuple(range(2, 27, 2))  # the official "optional_groupwise_lay
 G2 = {layer: 2 for layer in _GROUPED_LAYERS}
 G4 = {layer: 4 for layer in _GROUPED_LAYERS}
 
+#: The SE of the official RepVGG-D2se (``channels // 16`` squeezed), as an ``se_cfg``.
+OFFICIAL_SE_CFG = dict(ratio=16, divisor=1)
 
-def _arch(num_blocks, width_factor, group_layer_map=None, use_se=False):
+
+def _arch(num_blocks, width_factor, group_layer_map=None, se_cfg=None, **extra):
     return dict(num_blocks=num_blocks, width_factor=width_factor,
-                group_layer_map=group_layer_map, use_se=use_se)
+                group_layer_map=group_layer_map, se_cfg=se_cfg, **extra)
+
+
+def make_divisible(value: float, divisor: int, min_value: Optional[int] = None,
+                   min_ratio: float = 0.9) -> int:
+    """The multiple of ``divisor`` nearest ``value``, at least ``min_value`` (default
+    ``divisor``) and not below ``min_ratio * value`` (mmpretrain's ``make_divisible``)."""
+    if min_value is None:
+        min_value = divisor
+    new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new_value < min_ratio * value:
+        new_value += divisor
+    return new_value
+
+
+class SELayer(BaseModule):
+    """Squeeze-and-excitation with mmpretrain's ``SELayer`` arguments (``se_cfg``).
+
+    ``x * gate(up(act(down(avgpool(x)))))``. The 1x1 convolutions are named ``down`` and
+    ``up`` as in the official RepVGG's SE (so official, mmpretrain and mmreparam checkpoints
+    share one layout); the activations have no state. The SE sits after the block's sum of
+    branches, outside the folded convolution, so a fold keeps it as it is.
+
+    Args:
+        channels (int): Channels of the input.
+        squeeze_channels (int, optional): Channels of the bottleneck; None gives
+            ``make_divisible(channels // ratio, divisor)``. Defaults to None.
+        ratio (int): Squeeze ratio. Defaults to 16.
+        divisor (int): The bottleneck width is a multiple of it. Defaults to 8.
+        bias (bool | str): Biases of the two convolutions; 'auto' means True (there is no
+            norm layer). Defaults to 'auto'.
+        conv_cfg (dict, optional): Config of the two convolutions (any conv: the SE is not
+            folded). Defaults to None (``nn.Conv2d``).
+        act_cfg (dict | Sequence[dict]): The activation after ``down`` and the gate after
+            ``up``; one dict is used for both. Defaults to
+            ``(dict(type='ReLU'), dict(type='Sigmoid'))``.
+        return_weight (bool): mmpretrain's option to return the gate instead of the scaled
+            input; must be False in a RepVGG block. Defaults to False.
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 channels: int,
+                 squeeze_channels: Optional[int] = None,
+                 ratio: int = 16,
+                 divisor: int = 8,
+                 bias: Union[bool, str] = 'auto',
+                 conv_cfg: OptConfigType = None,
+                 act_cfg: Union[ConfigType, Sequence[ConfigType]] = (dict(type='ReLU'),
+                                                                     dict(type='Sigmoid')),
+                 return_weight: bool = False,
+                 init_cfg: OptConfigType = None):
+        super().__init__(init_cfg)
+        if return_weight:
+            raise ValueError('se_cfg return_weight=True is not supported: a RepVGG block '
+                             'scales its output by the SE gate')
+        if isinstance(act_cfg, dict):
+            act_cfg = (act_cfg, act_cfg)
+        if len(act_cfg) != 2 or not all(isinstance(cfg, dict) for cfg in act_cfg):
+            raise ValueError(f'se_cfg act_cfg must be a dict or two dicts, got {act_cfg!r}')
+        if squeeze_channels is None:
+            squeeze_channels = make_divisible(channels // ratio, divisor)
+        if not isinstance(squeeze_channels, int) or squeeze_channels < 1:
+            raise ValueError(f'SE squeeze_channels must be a positive int, got '
+                             f'{squeeze_channels!r}')
+        if bias not in ('auto', True, False):
+            raise ValueError(f"se_cfg bias must be 'auto', True or False, got {bias!r}")
+        bias = True if bias == 'auto' else bias
+        self.down = build_conv_layer(conv_cfg, channels, squeeze_channels, 1, bias=bias)
+        self.act = build_activation_layer(dict(act_cfg[0]))
+        self.up = build_conv_layer(conv_cfg, squeeze_channels, channels, 1, bias=bias)
+        self.gate = build_activation_layer(dict(act_cfg[1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Scale each channel by a gate computed from the global average."""
+        gate = torch.mean(x, dim=(2, 3), keepdim=True)
+        return x * self.gate(self.up(self.act(self.down(gate))))
 
 
 class _CheckpointedSequential(nn.Sequential):
@@ -42,20 +129,35 @@ class _CheckpointedSequential(nn.Sequential):
 class RepVGG(ReparamBackbone):
     """RepVGG backbone: a stem block and four stages of RepVGG (or OREPA-VGG) blocks.
 
-    Layout and names follow mmpretrain's RepVGG (``stem``, ``stage_1`` ... ``stage_4``).
+    Layout, names and arguments follow mmpretrain's RepVGG (``stem``, ``stage_1`` ...
+    ``stage_4``); the blocks keep the official RepVGG's names (``rbr_dense``,
+    ``rbr_1x1``, ``rbr_identity``, ``se``; ``reparam_conv`` when folded), and mmpretrain's
+    checkpoints load through ``init_cfg=dict(type='Pretrained', ...)``, which renames them.
 
     Args:
         arch (str | dict): One of :attr:`arch_settings` ('A0', 'A1', 'A2', 'B0', 'B1',
-            'B1g2', 'B1g4', 'B2', 'B2g2', 'B2g4', 'B3', 'B3g2', 'B3g4', 'D2se'), or a dict
-            with ``num_blocks``, ``width_factor`` and optionally ``group_layer_map`` (layer
-            index from 1 -> groups), ``use_se`` and ``stem_channels`` (default
-            ``min(64, base_channels * width_factor[0])``), as in mmpretrain.
+            'B1g2', 'B1g4', 'B2', 'B2g2', 'B2g4', 'B3', 'B3g2', 'B3g4', 'D2se'), or a dict as
+            in mmpretrain, with:
+
+            - **num_blocks** (Sequence[int]): Blocks of each stage.
+            - **width_factor** (Sequence[float]): Width multiplier of each stage.
+            - **group_layer_map** (dict, optional): Layer index (from 1, the stem not
+              counted) -> groups of that block.
+            - **se_cfg** (dict, optional): The SE of every block (:class:`SELayer`'s
+              arguments, as mmpretrain's ``SELayer``: ``ratio``, ``divisor``,
+              ``act_cfg``, ...); 'D2se' has ``dict(ratio=16, divisor=1)``.
+            - **use_se** (bool, optional): The official RepVGG's switch for the same SE:
+              True means ``se_cfg=dict(ratio=16, divisor=1)``. Give one of the two.
+            - **stem_channels** (int, optional): The stem width is
+              ``min(stem_channels, int(base_channels * width_factor[0]))``; 64 if unset.
+
         reparam (str): 'RepVGG', 'QARepVGG' or 'OREPA_VGG' (the ``reparam`` values whose
             block is a RepVGG block). Defaults to 'RepVGG'.
         in_channels (int): Input channels. Defaults to 3.
         base_channels (int): Width before the width factors. Defaults to 64.
         out_indices (Sequence[int]): Stages whose outputs are returned. Defaults to (3, ).
-        strides (Sequence[int]): Stride of each stage. Defaults to (2, 2, 2, 2).
+        strides (Sequence[int]): Stride of the first block of each stage.
+            Defaults to (2, 2, 2, 2).
         dilations (Sequence[int]): Dilation of each stage. Defaults to (1, 1, 1, 1).
         frozen_stages (int): Stages to freeze (-1: none, 0: the stem). Defaults to -1.
         norm_cfg (dict): Any BatchNorm. Defaults to ``dict(type='BN')``.
@@ -63,13 +165,14 @@ class RepVGG(ReparamBackbone):
         with_cp (bool): Gradient checkpointing of each block. Defaults to False.
         norm_eval (bool): Keep BNs in eval mode while training. Defaults to False.
         deploy (bool): Build the folded structure. Defaults to False.
-        init_cfg (dict | list[dict], optional): Initialization config.
+        init_cfg (dict | list[dict], optional): Initialization config. Defaults to Kaiming
+            for the convolutions and 1 for the norm layers, as in mmpretrain.
     """
     arch_settings = {
         'A0': _arch([2, 4, 14, 1], [0.75, 0.75, 0.75, 2.5]),
         'A1': _arch([2, 4, 14, 1], [1, 1, 1, 2.5]),
         'A2': _arch([2, 4, 14, 1], [1.5, 1.5, 1.5, 2.75]),
-        'B0': _arch([4, 6, 16, 1], [1, 1, 1, 2.5]),
+        'B0': _arch([4, 6, 16, 1], [1, 1, 1, 2.5], stem_channels=64),
         'B1': _arch([4, 6, 16, 1], [2, 2, 2, 4]),
         'B1g2': _arch([4, 6, 16, 1], [2, 2, 2, 4], G2),
         'B1g4': _arch([4, 6, 16, 1], [2, 2, 2, 4], G4),
@@ -79,10 +182,12 @@ class RepVGG(ReparamBackbone):
         'B3': _arch([4, 6, 16, 1], [3, 3, 3, 5]),
         'B3g2': _arch([4, 6, 16, 1], [3, 3, 3, 5], G2),
         'B3g4': _arch([4, 6, 16, 1], [3, 3, 3, 5], G4),
-        'D2se': _arch([8, 14, 24, 1], [2.5, 2.5, 2.5, 5], use_se=True),
+        'D2se': _arch([8, 14, 24, 1], [2.5, 2.5, 2.5, 5], se_cfg=OFFICIAL_SE_CFG),
     }
     block_types = {name: block for name, block in REPARAM_TYPES.items()
                    if issubclass(block, RepVGGBlock)}
+    _arch_keys = ('num_blocks', 'width_factor', 'group_layer_map', 'se_cfg', 'use_se',
+                  'stem_channels')
 
     def __init__(self,
                  arch: Union[str, dict] = 'A0',
@@ -109,7 +214,8 @@ class RepVGG(ReparamBackbone):
                              f'{sorted(self.block_types)}')
         num_stages = len(arch['num_blocks'])
         if len(strides) != num_stages or len(dilations) != num_stages:
-            raise ValueError('strides and dilations need one value per stage')
+            raise ValueError(f'strides {tuple(strides)} and dilations {tuple(dilations)} '
+                             f'need one value per stage ({num_stages})')
         if not out_indices or max(out_indices) >= num_stages:
             raise ValueError(f'out_indices {tuple(out_indices)} must be stages < {num_stages}')
         self.arch = arch
@@ -122,12 +228,15 @@ class RepVGG(ReparamBackbone):
         group_map = arch['group_layer_map'] or {}
 
         def block(cin, cout, stride=1, dilation=1, groups=1):
-            return block_type(cin, cout, 3, stride=stride, dilation=dilation, groups=groups,
-                              norm_cfg=norm_cfg, act_cfg=act_cfg, deploy=deploy,
-                              use_se=arch['use_se'])
+            module = block_type(cin, cout, 3, stride=stride, dilation=dilation,
+                                groups=groups, norm_cfg=norm_cfg, act_cfg=act_cfg,
+                                deploy=deploy)
+            if arch['se_cfg'] is not None:
+                module.se = SELayer(cout, **arch['se_cfg'])
+            return module
 
-        channels = arch.get('stem_channels') or min(64,
-                                                    int(base_channels * arch['width_factor'][0]))
+        # As mmpretrain: 64 by default, and never wider than the first stage.
+        channels = min(arch['stem_channels'] or 64, int(base_channels * arch['width_factor'][0]))
         self.stem = block(in_channels, channels, stride=2)
         layer_idx = 1
         self.stages = []
@@ -149,27 +258,37 @@ class RepVGG(ReparamBackbone):
             if arch not in self.arch_settings:
                 raise ValueError(f'unknown RepVGG arch {arch!r}; choose one of '
                                  f'{list(self.arch_settings)}')
-            return self.arch_settings[arch]
+            arch = self.arch_settings[arch]
         if not isinstance(arch, dict):
             raise TypeError(f'arch must be a name or a dict, got {type(arch).__name__}')
-        missing = {'num_blocks', 'width_factor'} - set(arch)
+        missing = [key for key in ('num_blocks', 'width_factor') if key not in arch]
         if missing:
-            raise ValueError(f'arch dict misses {sorted(missing)}')
+            raise ValueError(f'arch dict misses {missing}')
+        unknown = sorted(set(arch) - set(self._arch_keys))
+        if unknown:
+            raise ValueError(f'unknown arch keys {unknown}; RepVGG takes '
+                             f'{list(self._arch_keys)}')
         if len(arch['num_blocks']) != len(arch['width_factor']):
             raise ValueError('arch num_blocks and width_factor must have the same length')
-        if arch.get('se_cfg') is not None:
-            raise ValueError("arch se_cfg is not supported: mmreparam.RepVGG's SE is the "
-                             "official RepVGG-D2se one, chosen with arch use_se=True")
-        unknown = set(arch) - {'num_blocks', 'width_factor', 'group_layer_map', 'use_se',
-                               'stem_channels', 'se_cfg'}
-        if unknown:
-            raise ValueError(f'unknown arch keys {sorted(unknown)}')
         layers = sum(arch['num_blocks'])
         beyond = sorted(k for k in (arch.get('group_layer_map') or {}) if not 1 <= k <= layers)
         if beyond:
             raise ValueError(f'arch group_layer_map names layers {beyond}, but the stages have '
                              f'layers 1 to {layers}')
-        return dict(dict(group_layer_map=None, use_se=False, stem_channels=None), **arch)
+        se_cfg = arch.get('se_cfg')
+        if se_cfg is not None and not isinstance(se_cfg, dict):
+            raise TypeError(f'arch se_cfg must be a dict or None, got {type(se_cfg).__name__}')
+        se_keys = list(inspect.signature(SELayer).parameters)[1:]  # all but channels
+        unknown = sorted(set(se_cfg or {}) - set(se_keys))
+        if unknown:
+            raise ValueError(f'unknown arch se_cfg keys {unknown}; SELayer takes {se_keys}')
+        if arch.get('use_se') and se_cfg is not None:
+            raise ValueError('arch has both use_se and se_cfg: give one (use_se=True is '
+                             f'se_cfg={OFFICIAL_SE_CFG})')
+        if arch.get('use_se'):
+            se_cfg = OFFICIAL_SE_CFG
+        checked = {key: arch.get(key) for key in self._arch_keys if key != 'use_se'}
+        return dict(checked, se_cfg=None if se_cfg is None else dict(se_cfg))
 
     def stage_modules(self):
         """The stages ``stage_1``, ``stage_2``, ..."""

@@ -57,6 +57,7 @@ def test_modes_and_bad_arguments():
     for kwargs, error, match in (
             (dict(arch='D2se'), ValueError, 'unknown RepOptVGG arch'),
             (dict(arch=dict(TINY, use_se=True)), ValueError, 'no SE'),
+            (dict(arch=dict(TINY, se_cfg=dict(ratio=4))), ValueError, 'no SE'),
             (dict(arch=TINY, mode='repvgg'), ValueError, 'unknown RepOptVGG mode'),
             (dict(arch=TINY, scales=3), TypeError, 'scales'),
             (dict(arch=TINY, mode='hs', init_cfg=dict(type='Pretrained', checkpoint='x')),

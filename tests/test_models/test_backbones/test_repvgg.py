@@ -1,16 +1,25 @@
-"""mmreparam.RepVGG: every arch builds, RepVGG and OREPA-VGG fold exactly."""
+"""mmreparam.RepVGG: every arch builds, RepVGG and OREPA-VGG fold exactly, and its arch dict takes
+mmpretrain's keys."""
 import pytest
 import torch
+import torch.nn as nn
 
 import mmreparam
 from mmreparam.models.backbones import RepVGG
+from mmreparam.models.backbones.repvgg import SELayer, make_divisible
 from mmreparam.testing import randomize_bn, randomize_parameters
+
+TINY = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25, 0.25, 0.25, 0.25])
+# mmpretrain's SE options away from their defaults: ratio, divisor, both activations.
+CUSTOM_SE = dict(ratio=4, divisor=4, act_cfg=(dict(type='ReLU6'), dict(type='HSigmoid')))
+ALL_STAGES = (0, 1, 2, 3)
+
 
 
 def test_repvgg_arches_and_reparams():
     x = torch.randn(1, 3, 32, 32)
     for arch in RepVGG.arch_settings:
-        model = RepVGG(arch, base_channels=16, out_indices=(0, 1, 2, 3)).eval()
+        model = RepVGG(arch, base_channels=16, out_indices=ALL_STAGES).eval()
         outs = model(x)
         assert len(outs) == 4
     with pytest.raises(ValueError, match='arch'):
@@ -23,13 +32,13 @@ def test_repvgg_arches_and_reparams():
 @pytest.mark.parametrize('arch', ['A0', 'B1g2', 'D2se'])
 def test_repvgg_folds_exactly(arch, reparam):
     torch.manual_seed(0)
-    model = RepVGG(arch, reparam=reparam, base_channels=8, out_indices=(0, 1, 2, 3))
+    model = RepVGG(arch, reparam=reparam, base_channels=8, out_indices=ALL_STAGES)
     randomize_parameters(model, ('vector', 'idconv1'), seed=1)
     model = randomize_bn(model, seed=2).double().eval()
     folded = mmreparam.fold(model)
     err = mmreparam.fold_error(model, folded, torch.randn(1, 3, 32, 32, dtype=torch.float64))
     assert err['max_rel'] < 1e-10, err
-    deploy = RepVGG(arch, reparam=reparam, base_channels=8, out_indices=(0, 1, 2, 3),
+    deploy = RepVGG(arch, reparam=reparam, base_channels=8, out_indices=ALL_STAGES,
                     deploy=True).double()
     deploy.load_state_dict(folded.state_dict(), strict=True)
     model.switch_to_deploy()  # the mmpretrain-style in-place name
@@ -37,13 +46,67 @@ def test_repvgg_folds_exactly(arch, reparam):
 
 
 def test_arch_dict_keys_as_mmpretrain():
-    from mmreparam.models.backbones import RepVGG as Ours
-    tiny = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25, 0.25, 0.25, 0.25])
-    assert Ours(dict(tiny, stem_channels=24)).stem.out_channels == 24
-    assert Ours(dict(tiny)).stem.out_channels == 16
+    # stem width: min(stem_channels, first stage width), 64 when unset (mmpretrain's rule)
+    assert RepVGG(dict(TINY, stem_channels=8)).stem.out_channels == 8
+    assert RepVGG(dict(TINY, stem_channels=24)).stem.out_channels == 16
+    assert RepVGG(dict(TINY)).stem.out_channels == 16
+    assert RepVGG(dict(TINY), base_channels=512).stem.out_channels == 64
+    assert RepVGG(dict(TINY, stem_channels=96), base_channels=512).stem.out_channels == 96
     with pytest.raises(ValueError, match=r'group_layer_map names layers \[5\]'):
-        Ours(dict(tiny, group_layer_map={2: 2, 5: 2}))
-    with pytest.raises(ValueError, match='se_cfg is not supported'):
-        Ours(dict(tiny, se_cfg=dict(ratio=16)))
+        RepVGG(dict(TINY, group_layer_map={2: 2, 5: 2}))
+    with pytest.raises(ValueError, match=r'group_layer_map names layers \[0\]'):
+        RepVGG(dict(TINY, group_layer_map={0: 2}))
     with pytest.raises(ValueError, match="unknown arch keys \\['widths'\\]"):
-        Ours(dict(tiny, widths=[1]))
+        RepVGG(dict(TINY, widths=[1]))
+    with pytest.raises(ValueError, match='both use_se and se_cfg'):
+        RepVGG(dict(TINY, use_se=True, se_cfg=dict(ratio=16)))
+    with pytest.raises(TypeError, match='se_cfg must be a dict'):
+        RepVGG(dict(TINY, se_cfg=16))
+    with pytest.raises(ValueError, match="misses \\['width_factor'\\]"):
+        RepVGG(dict(num_blocks=[1, 1, 1, 1]))
+    # the normalized arch carries mmpretrain's keys
+    assert RepVGG('D2se', base_channels=8).arch['se_cfg'] == dict(ratio=16, divisor=1)
+    assert RepVGG(dict(TINY, use_se=True)).arch['se_cfg'] == dict(ratio=16, divisor=1)
+
+
+def test_se_cfg_builds_mmpretrain_se():
+    model = RepVGG(dict(TINY, se_cfg=CUSTOM_SE), base_channels=64)
+    blocks = [model.stem] + [block for stage in model.stage_modules() for block in stage]
+    assert all(isinstance(block.se, SELayer) for block in blocks)
+    for block in blocks:  # make_divisible(channels // ratio, divisor)
+        assert block.se.down.out_channels == make_divisible(block.out_channels // 4, 4)
+        assert block.se.up.out_channels == block.out_channels
+        assert type(block.se.act).__name__ == 'ReLU6'
+        assert type(block.se.gate).__name__ == 'HSigmoid'
+    assert model.stage_4[0].se.down.out_channels == 32  # 128 // 4
+    assert make_divisible(10 // 4, 4) == 4 and make_divisible(3, 1) == 3
+    squeezed = RepVGG(dict(TINY, se_cfg=dict(squeeze_channels=3, bias=False)))
+    assert squeezed.stem.se.down.out_channels == 3 and squeezed.stem.se.down.bias is None
+    one_act = RepVGG(dict(TINY, se_cfg=dict(act_cfg=dict(type='Sigmoid'))))
+    assert isinstance(one_act.stem.se.act, nn.Sigmoid) and isinstance(one_act.stem.se.gate,
+                                                                      nn.Sigmoid)
+    with pytest.raises(ValueError, match='return_weight'):
+        RepVGG(dict(TINY, se_cfg=dict(return_weight=True)))
+    with pytest.raises(ValueError, match='act_cfg must be a dict or two dicts'):
+        RepVGG(dict(TINY, se_cfg=dict(act_cfg=[dict(type='ReLU')] * 3)))
+    with pytest.raises(ValueError, match=r"unknown arch se_cfg keys \['ratios'\]"):
+        RepVGG(dict(TINY, se_cfg=dict(ratios=4)))
+
+
+@pytest.mark.parametrize('dtype,tolerance', [(torch.float32, 1e-5), (torch.float64, 1e-10)],
+                         ids=['fp32', 'fp64'])
+@pytest.mark.parametrize('reparam', ['RepVGG', 'OREPA_VGG'])
+def test_se_cfg_folds_exactly(reparam, dtype, tolerance):
+    torch.manual_seed(0)
+    arch = dict(num_blocks=[2, 2, 1, 1], width_factor=[1, 1, 1, 1], se_cfg=CUSTOM_SE)
+    model = RepVGG(arch, reparam=reparam, base_channels=16, out_indices=ALL_STAGES)
+    randomize_parameters(model, ('vector', 'idconv1'), seed=1)
+    model = randomize_bn(model, seed=2).to(dtype).eval()
+    folded = mmreparam.fold(model)
+    assert all(isinstance(block.se, SELayer) and block.folded
+               for block in folded.modules() if hasattr(block, 'folded'))
+    err = mmreparam.fold_error(model, folded, torch.randn(2, 3, 32, 32, dtype=dtype))
+    assert err['compared'] == 4 and err['max_rel'] < tolerance, err
+    deploy = RepVGG(arch, reparam=reparam, base_channels=16, out_indices=ALL_STAGES,
+                    deploy=True)
+    deploy.load_state_dict(folded.state_dict(), strict=True)
