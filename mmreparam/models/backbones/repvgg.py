@@ -1,7 +1,8 @@
 """``mmreparam.RepVGG``: RepVGG (Ding et al., CVPR 2021) with RepVGG or OREPA-VGG blocks.
 
-A drop-in for mmpretrain's ``RepVGG``: the same arch table and arch-dict keys
-(``stem_channels``, ``se_cfg``, ``group_layer_map``), plus ``reparam`` to choose the block.
+A drop-in for mmpretrain's ``RepVGG``: the same arch table (``yolox-pai-small`` included),
+the same arch-dict keys (``stem_channels``, ``se_cfg``, ``group_layer_map``) and
+``add_ppf``, plus ``reparam`` to choose the block.
 """
 import inspect
 from typing import Optional, Sequence, Union
@@ -9,7 +10,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from mmcv.cnn import build_activation_layer, build_conv_layer
+from mmcv.cnn import ConvModule, build_activation_layer, build_conv_layer
 from mmengine.model import BaseModule
 from torch import Tensor
 
@@ -108,6 +109,44 @@ class SELayer(BaseModule):
         return x * self.gate(self.up(self.act(self.down(gate))))
 
 
+class MTSPPF(BaseModule):
+    """The pooling module after the last stage of YOLOX-PAI's RepVGG (``add_ppf``).
+
+    mmpretrain's ``MTSPPF`` (same names, so its checkpoints load as they are): a 1x1
+    ConvModule to half the channels, three chained max-poolings, and a 1x1 ConvModule on
+    the concatenation of the four. It is not re-parameterized (nor is it in mmpretrain): its
+    convolutions keep their norm layers after a fold.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels.
+        norm_cfg (dict): Config of the norm layers. Defaults to ``dict(type='BN')``.
+        act_cfg (dict): Config of the activations. Defaults to ``dict(type='ReLU')``.
+        kernel_size (int): Kernel size of the max-pooling. Defaults to 5.
+    """
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 norm_cfg: ConfigType = dict(type='BN'),
+                 act_cfg: ConfigType = dict(type='ReLU'),
+                 kernel_size: int = 5):
+        super().__init__()
+        hidden_channels = in_channels // 2
+        self.conv1 = ConvModule(in_channels, hidden_channels, 1, norm_cfg=norm_cfg,
+                                act_cfg=act_cfg)
+        self.conv2 = ConvModule(hidden_channels * 4, out_channels, 1, norm_cfg=norm_cfg,
+                                act_cfg=act_cfg)
+        self.maxpool = nn.MaxPool2d(kernel_size, stride=1, padding=kernel_size // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """conv1, then conv2 on ``[x, pool(x), pool^2(x), pool^3(x)]``."""
+        x = self.conv1(x)
+        y1 = self.maxpool(x)
+        y2 = self.maxpool(y1)
+        return self.conv2(torch.cat([x, y1, y2, self.maxpool(y2)], 1))
+
+
 class _CheckpointedSequential(nn.Sequential):
     """A stage whose blocks are gradient-checkpointed in training when ``with_cp``."""
 
@@ -130,14 +169,14 @@ class RepVGG(ReparamBackbone):
     """RepVGG backbone: a stem block and four stages of RepVGG (or OREPA-VGG) blocks.
 
     Layout, names and arguments follow mmpretrain's RepVGG (``stem``, ``stage_1`` ...
-    ``stage_4``); the blocks keep the official RepVGG's names (``rbr_dense``,
+    ``stage_4``, ``ppf``); the blocks keep the official RepVGG's names (``rbr_dense``,
     ``rbr_1x1``, ``rbr_identity``, ``se``; ``reparam_conv`` when folded), and mmpretrain's
     checkpoints load through ``init_cfg=dict(type='Pretrained', ...)``, which renames them.
 
     Args:
         arch (str | dict): One of :attr:`arch_settings` ('A0', 'A1', 'A2', 'B0', 'B1',
-            'B1g2', 'B1g4', 'B2', 'B2g2', 'B2g4', 'B3', 'B3g2', 'B3g4', 'D2se'), or a dict as
-            in mmpretrain, with:
+            'B1g2', 'B1g4', 'B2', 'B2g2', 'B2g4', 'B3', 'B3g2', 'B3g4', 'D2se',
+            'yolox-pai-small'), or a dict as in mmpretrain, with:
 
             - **num_blocks** (Sequence[int]): Blocks of each stage.
             - **width_factor** (Sequence[float]): Width multiplier of each stage.
@@ -165,6 +204,8 @@ class RepVGG(ReparamBackbone):
         with_cp (bool): Gradient checkpointing of each block. Defaults to False.
         norm_eval (bool): Keep BNs in eval mode while training. Defaults to False.
         deploy (bool): Build the folded structure. Defaults to False.
+        add_ppf (bool): Add :class:`MTSPPF` (named ``ppf``) after the last stage, as
+            YOLOX-PAI does; its output replaces the last stage's. Defaults to False.
         init_cfg (dict | list[dict], optional): Initialization config. Defaults to Kaiming
             for the convolutions and 1 for the norm layers, as in mmpretrain.
     """
@@ -183,6 +224,7 @@ class RepVGG(ReparamBackbone):
         'B3g2': _arch([4, 6, 16, 1], [3, 3, 3, 5], G2),
         'B3g4': _arch([4, 6, 16, 1], [3, 3, 3, 5], G4),
         'D2se': _arch([8, 14, 24, 1], [2.5, 2.5, 2.5, 5], se_cfg=OFFICIAL_SE_CFG),
+        'yolox-pai-small': _arch([3, 5, 7, 3], [1, 1, 1, 1], stem_channels=32),
     }
     block_types = {name: block for name, block in REPARAM_TYPES.items()
                    if issubclass(block, RepVGGBlock)}
@@ -203,6 +245,7 @@ class RepVGG(ReparamBackbone):
                  with_cp: bool = False,
                  norm_eval: bool = False,
                  deploy: bool = False,
+                 add_ppf: bool = False,
                  init_cfg: OptConfigType = [
                      dict(type='Kaiming', layer=['Conv2d']),
                      dict(type='Constant', val=1, layer=['_BatchNorm', 'GroupNorm'])
@@ -251,6 +294,11 @@ class RepVGG(ReparamBackbone):
             self.add_module(f'stage_{i + 1}', _CheckpointedSequential(*blocks,
                                                                       with_cp=with_cp))
             self.stages.append(f'stage_{i + 1}')
+        if add_ppf:
+            self.ppf = MTSPPF(channels, channels, norm_cfg=norm_cfg, act_cfg=act_cfg,
+                              kernel_size=5)
+        else:
+            self.ppf = nn.Identity()
         self._freeze_stages()
 
     def _check_arch(self, arch) -> dict:
@@ -293,3 +341,18 @@ class RepVGG(ReparamBackbone):
     def stage_modules(self):
         """The stages ``stage_1``, ``stage_2``, ..."""
         return [getattr(self, name) for name in self.stages]
+
+    def forward(self, x: Tensor) -> tuple:
+        """Return the features of the stages in ``out_indices``; ``ppf`` (:class:`MTSPPF`
+        with ``add_ppf``, else the identity) follows the last stage, as in mmpretrain."""
+        with self._generation():
+            x = self.forward_stem(x)
+            outs = []
+            stages = self.stage_modules()
+            for i, stage in enumerate(stages):
+                x = stage(x)
+                if i == len(stages) - 1:
+                    x = self.ppf(x)
+                if i in self.out_indices:
+                    outs.append(x)
+        return tuple(outs)

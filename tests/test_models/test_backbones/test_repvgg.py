@@ -1,12 +1,12 @@
-"""mmreparam.RepVGG: every arch builds, RepVGG and OREPA-VGG fold exactly, and its arch dict takes
-mmpretrain's keys."""
+"""mmreparam.RepVGG: every arch builds, RepVGG and OREPA-VGG fold exactly, and it takes what
+mmpretrain's RepVGG takes (arch keys, ``add_ppf``, ...)."""
 import pytest
 import torch
 import torch.nn as nn
 
 import mmreparam
 from mmreparam.models.backbones import RepVGG
-from mmreparam.models.backbones.repvgg import SELayer, make_divisible
+from mmreparam.models.backbones.repvgg import MTSPPF, SELayer, make_divisible
 from mmreparam.testing import randomize_bn, randomize_parameters
 
 TINY = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25, 0.25, 0.25, 0.25])
@@ -52,6 +52,7 @@ def test_arch_dict_keys_as_mmpretrain():
     assert RepVGG(dict(TINY)).stem.out_channels == 16
     assert RepVGG(dict(TINY), base_channels=512).stem.out_channels == 64
     assert RepVGG(dict(TINY, stem_channels=96), base_channels=512).stem.out_channels == 96
+    assert RepVGG('yolox-pai-small').stem.out_channels == 32
     with pytest.raises(ValueError, match=r'group_layer_map names layers \[5\]'):
         RepVGG(dict(TINY, group_layer_map={2: 2, 5: 2}))
     with pytest.raises(ValueError, match=r'group_layer_map names layers \[0\]'):
@@ -110,3 +111,33 @@ def test_se_cfg_folds_exactly(reparam, dtype, tolerance):
     deploy = RepVGG(arch, reparam=reparam, base_channels=16, out_indices=ALL_STAGES,
                     deploy=True)
     deploy.load_state_dict(folded.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize('dtype,tolerance', [(torch.float32, 1e-5), (torch.float64, 1e-10)],
+                         ids=['fp32', 'fp64'])
+def test_add_ppf_yolox_pai_small(dtype, tolerance):
+    torch.manual_seed(0)
+    model = RepVGG('yolox-pai-small', base_channels=8, out_indices=ALL_STAGES, add_ppf=True)
+    assert isinstance(model.ppf, MTSPPF)
+    assert model.ppf.conv1.conv.out_channels == 32 and model.ppf.conv2.conv.in_channels == 128
+    model = randomize_bn(model, seed=3).to(dtype).eval()
+    x = torch.randn(1, 3, 64, 64, dtype=dtype)
+    outs = model(x)
+    assert [tuple(out.shape) for out in outs] == [(1, 8, 16, 16), (1, 16, 8, 8),
+                                                  (1, 32, 4, 4), (1, 64, 2, 2)]
+    # the ppf follows the last stage and replaces its output
+    with torch.no_grad():
+        plain = RepVGG('yolox-pai-small', base_channels=8, out_indices=ALL_STAGES).to(dtype)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                               if not k.startswith('ppf.')})
+        plain_outs = plain.eval()(x)
+        for out, plain_out in zip(outs[:3], plain_outs[:3]):
+            torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+        torch.testing.assert_close(outs[3], model.ppf(plain_outs[3]), rtol=0, atol=0)
+    folded = mmreparam.fold(model)
+    err = mmreparam.fold_error(model, folded, x)
+    assert err['compared'] == 4 and err['max_rel'] < tolerance, err
+    deploy = RepVGG('yolox-pai-small', base_channels=8, out_indices=ALL_STAGES, add_ppf=True,
+                    deploy=True)
+    deploy.load_state_dict(folded.state_dict(), strict=True)
+    assert isinstance(RepVGG('A0', base_channels=8).ppf, nn.Identity)
