@@ -1,11 +1,11 @@
 """``mmreparam.RepVGG``: RepVGG (Ding et al., CVPR 2021) with RepVGG or OREPA-VGG blocks.
 
 A drop-in for mmpretrain's ``RepVGG``: the same arch table (``yolox-pai-small`` included),
-the same arch-dict keys (``stem_channels``, ``se_cfg``, ``group_layer_map``) and
-``add_ppf``, plus ``reparam`` to choose the block.
+the same arch-dict keys (``stem_channels``, ``se_cfg``, ``group_layer_map``) and the same
+constructor arguments (``add_ppf``, ``conv_cfg``, ...), plus ``reparam`` to choose the block.
 """
 import inspect
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,8 @@ G4 = {layer: 4 for layer in _GROUPED_LAYERS}
 
 #: The SE of the official RepVGG-D2se (``channels // 16`` squeezed), as an ``se_cfg``.
 OFFICIAL_SE_CFG = dict(ratio=16, divisor=1)
+#: ``conv_cfg`` values that build the plain ``nn.Conv2d`` a RepVGG block folds into.
+_PLAIN_CONV_TYPES = ('Conv', 'Conv2d')
 
 
 def _arch(num_blocks, width_factor, group_layer_map=None, se_cfg=None, **extra):
@@ -194,11 +196,15 @@ class RepVGG(ReparamBackbone):
             block is a RepVGG block). Defaults to 'RepVGG'.
         in_channels (int): Input channels. Defaults to 3.
         base_channels (int): Width before the width factors. Defaults to 64.
-        out_indices (Sequence[int]): Stages whose outputs are returned. Defaults to (3, ).
+        out_indices (int | Sequence[int]): Stages whose outputs are returned; negative
+            indices count from the last stage. Defaults to (3, ).
         strides (Sequence[int]): Stride of the first block of each stage.
             Defaults to (2, 2, 2, 2).
         dilations (Sequence[int]): Dilation of each stage. Defaults to (1, 1, 1, 1).
         frozen_stages (int): Stages to freeze (-1: none, 0: the stem). Defaults to -1.
+        conv_cfg (dict, optional): None or a plain convolution (``dict(type='Conv2d')``):
+            a RepVGG block folds into one ``nn.Conv2d``, so no other conv type is
+            accepted. Defaults to None.
         norm_cfg (dict): Any BatchNorm. Defaults to ``dict(type='BN')``.
         act_cfg (dict): Activation of every block. Defaults to ``dict(type='ReLU')``.
         with_cp (bool): Gradient checkpointing of each block. Defaults to False.
@@ -236,10 +242,11 @@ class RepVGG(ReparamBackbone):
                  reparam: str = 'RepVGG',
                  in_channels: int = 3,
                  base_channels: int = 64,
-                 out_indices: Sequence[int] = (3, ),
+                 out_indices: Union[int, Sequence[int]] = (3, ),
                  strides: Sequence[int] = (2, 2, 2, 2),
                  dilations: Sequence[int] = (1, 1, 1, 1),
                  frozen_stages: int = -1,
+                 conv_cfg: OptConfigType = None,
                  norm_cfg: ConfigType = dict(type='BN'),
                  act_cfg: ConfigType = dict(type='ReLU'),
                  with_cp: bool = False,
@@ -259,12 +266,22 @@ class RepVGG(ReparamBackbone):
         if len(strides) != num_stages or len(dilations) != num_stages:
             raise ValueError(f'strides {tuple(strides)} and dilations {tuple(dilations)} '
                              f'need one value per stage ({num_stages})')
-        if not out_indices or max(out_indices) >= num_stages:
-            raise ValueError(f'out_indices {tuple(out_indices)} must be stages < {num_stages}')
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f'frozen_stages must be -1 (none) to {num_stages} (all), got '
+                             f'{frozen_stages!r}')
+        self._check_conv_cfg(conv_cfg)
         self.arch = arch
         self.reparam = reparam
-        self.out_indices = out_indices
+        self.in_channels = in_channels
+        self.base_channels = base_channels
+        self.out_indices = self._check_out_indices(out_indices, num_stages)
+        self.strides = strides
+        self.dilations = dilations
         self.frozen_stages = frozen_stages
+        self.conv_cfg = conv_cfg
+        self.norm_cfg = norm_cfg
+        self.act_cfg = act_cfg
+        self.with_cp = with_cp
         self.norm_eval = norm_eval
         self._built_deploy = deploy
         block_type = self.block_types[reparam]
@@ -337,6 +354,21 @@ class RepVGG(ReparamBackbone):
             se_cfg = OFFICIAL_SE_CFG
         checked = {key: arch.get(key) for key in self._arch_keys if key != 'use_se'}
         return dict(checked, se_cfg=None if se_cfg is None else dict(se_cfg))
+
+    @staticmethod
+    def _check_out_indices(out_indices, num_stages: int) -> Tuple[int, ...]:
+        indices = (out_indices, ) if isinstance(out_indices, int) else tuple(out_indices)
+        if not indices or any(not isinstance(i, int) or not -num_stages <= i < num_stages
+                              for i in indices):
+            raise ValueError(f'out_indices {indices} must be stages in [{-num_stages}, '
+                             f'{num_stages}) (negative: from the last)')
+        return tuple(i % num_stages for i in indices)
+
+    @staticmethod
+    def _check_conv_cfg(conv_cfg) -> None:
+        if conv_cfg is not None and conv_cfg.get('type') not in _PLAIN_CONV_TYPES:
+            raise ValueError(f'conv_cfg {dict(conv_cfg)} is not supported: RepVGG blocks fold '
+                             "into one nn.Conv2d; use None or dict(type='Conv2d')")
 
     def stage_modules(self):
         """The stages ``stage_1``, ``stage_2``, ..."""

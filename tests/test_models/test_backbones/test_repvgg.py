@@ -141,3 +141,31 @@ def test_add_ppf_yolox_pai_small(dtype, tolerance):
                     deploy=True)
     deploy.load_state_dict(folded.state_dict(), strict=True)
     assert isinstance(RepVGG('A0', base_channels=8).ppf, nn.Identity)
+
+
+def test_constructor_arguments_as_mmpretrain():
+    model = RepVGG(dict(TINY), out_indices=[-1, 0], conv_cfg=dict(type='Conv2d'))
+    assert model.out_indices == (3, 0)
+    outs = model.eval()(torch.randn(1, 3, 32, 32))
+    assert [out.shape[1] for out in outs] == [16, 128]  # stage order, as mmpretrain
+    assert RepVGG(dict(TINY), out_indices=2).out_indices == (2, )
+    with pytest.raises(ValueError, match='out_indices'):
+        RepVGG(dict(TINY), out_indices=(4, ))
+    with pytest.raises(ValueError, match='out_indices'):
+        RepVGG(dict(TINY), out_indices=(-5, ))
+    with pytest.raises(ValueError, match='conv_cfg'):
+        RepVGG(dict(TINY), conv_cfg=dict(type='ConvWS'))
+    with pytest.raises(ValueError, match='frozen_stages'):
+        RepVGG(dict(TINY), frozen_stages=5)
+    with pytest.raises(ValueError, match='one value per stage'):
+        RepVGG(dict(TINY), strides=(1, 1, 1))
+    for name in ('in_channels', 'base_channels', 'strides', 'dilations', 'conv_cfg',
+                 'norm_cfg', 'act_cfg', 'with_cp', 'norm_eval', 'frozen_stages'):
+        assert hasattr(model, name), name
+    frozen = RepVGG(dict(TINY), frozen_stages=4, add_ppf=True).train()
+    assert not any(p.requires_grad for n, p in frozen.named_parameters()
+                   if not n.startswith('ppf.'))
+    assert all(p.requires_grad for p in frozen.ppf.parameters())  # not a stage (mmpretrain)
+    norm_eval = RepVGG(dict(TINY), norm_eval=True, add_ppf=True).train()
+    assert not norm_eval.ppf.conv1.bn.training
+
