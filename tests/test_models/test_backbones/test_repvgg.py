@@ -1,10 +1,11 @@
 """mmreparam.RepVGG: every arch builds, RepVGG and OREPA-VGG fold exactly, and it takes what
-mmpretrain's RepVGG takes (arch keys, ``add_ppf``, ...)."""
+mmpretrain's RepVGG takes (arch keys, ``add_ppf``, ...) with the same structure."""
 import pytest
 import torch
 import torch.nn as nn
 
 import mmreparam
+from mmreparam.checkpoint import load_pretrained
 from mmreparam.models.backbones import RepVGG
 from mmreparam.models.backbones.repvgg import MTSPPF, SELayer, make_divisible
 from mmreparam.testing import randomize_bn, randomize_parameters
@@ -14,6 +15,9 @@ TINY = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25, 0.25, 0.25, 0.25])
 CUSTOM_SE = dict(ratio=4, divisor=4, act_cfg=(dict(type='ReLU6'), dict(type='HSigmoid')))
 ALL_STAGES = (0, 1, 2, 3)
 
+
+def param_count(model):
+    return sum(p.numel() for p in model.parameters())
 
 
 def test_repvgg_arches_and_reparams():
@@ -169,3 +173,79 @@ def test_constructor_arguments_as_mmpretrain():
     norm_eval = RepVGG(dict(TINY), norm_eval=True, add_ppf=True).train()
     assert not norm_eval.ppf.conv1.bn.training
 
+
+# ------------------------------------------------------------------------------------------
+# Against mmpretrain's own RepVGG (same arguments -> same structure; its weights -> same
+# outputs)
+
+MMPRETRAIN_CASES = {
+    **{arch: dict(arch=arch, base_channels=16) for arch in RepVGG.arch_settings},
+    'A0-full': dict(arch='A0'),
+    'yolox-pai-small+ppf': dict(arch='yolox-pai-small', base_channels=16, add_ppf=True),
+    'A0+ppf': dict(arch='A0', base_channels=16, add_ppf=True),
+    'custom-se': dict(arch=dict(num_blocks=[2, 2, 2, 1], width_factor=[1, 1, 1, 2],
+                                group_layer_map={3: 2}, se_cfg=CUSTOM_SE, stem_channels=8),
+                      base_channels=16),
+    'strides-dilations': dict(arch='A0', base_channels=16, strides=(2, 1, 2, 1),
+                              dilations=(1, 2, 1, 2)),
+}
+
+
+def mmpretrain_repvgg(deploy=False, **kwargs):
+    backbones = pytest.importorskip('mmpretrain.models.backbones')
+    arch = kwargs.get('arch')
+    if isinstance(arch, dict):  # mmpretrain needs every key
+        kwargs['arch'] = dict(dict(group_layer_map=None, se_cfg=None), **arch)
+    model = backbones.RepVGG(out_indices=ALL_STAGES, deploy=deploy, **kwargs)
+    model.eval()  # mmpretrain's train() returns None
+    return model
+
+
+# every case in its train form; the deploy form (one conv per block) where it differs most
+STRUCTURE_CASES = [(case, False) for case in MMPRETRAIN_CASES] + [
+    (case, True) for case in ('A0', 'B1g4', 'D2se', 'custom-se', 'yolox-pai-small+ppf')]
+
+
+@pytest.mark.parametrize('case,deploy', STRUCTURE_CASES,
+                         ids=[f'{case}-{"deploy" if deploy else "train"}'
+                              for case, deploy in STRUCTURE_CASES])
+def test_same_structure_as_mmpretrain(case, deploy):
+    """Same arguments, same parameter and buffer counts and output shapes as mmpretrain."""
+    kwargs = MMPRETRAIN_CASES[case]
+    theirs = mmpretrain_repvgg(deploy=deploy, **kwargs)
+    ours = RepVGG(out_indices=ALL_STAGES, deploy=deploy, **kwargs).eval()
+    assert param_count(ours) == param_count(theirs)
+    assert len(list(ours.buffers())) == len(list(theirs.buffers()))
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 64)
+        assert [o.shape for o in ours(x)] == [o.shape for o in theirs(x)]
+
+
+@pytest.mark.parametrize('case', ['A0', 'D2se', 'custom-se', 'yolox-pai-small+ppf'])
+def test_mmpretrain_weights_same_outputs(case):
+    """mmpretrain's train-time state, and its folded state, loaded into ours compute what
+    mmpretrain's train-time model computes (float64, random BN statistics).
+
+    The reference is mmpretrain's train-time model also for its folded state: mmpretrain's
+    folded block skips its SE (``if self.deploy: return self.branch_reparam(inputs)``), so
+    its own deploy form of an SE arch computes another function; ours keeps the SE.
+    """
+    kwargs = dict(MMPRETRAIN_CASES[case])
+    if case == 'D2se':
+        kwargs['arch'] = dict(RepVGG.arch_settings['D2se'], num_blocks=[2, 2, 2, 1])
+    torch.manual_seed(0)
+    theirs = randomize_bn(mmpretrain_repvgg(**kwargs), seed=1).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        reference = theirs(x)
+    for deploy in (False, True):
+        if deploy:
+            theirs.switch_to_deploy()
+        ours = RepVGG(out_indices=ALL_STAGES, deploy=deploy, **kwargs).double()
+        report = load_pretrained(ours, {'state_dict': theirs.state_dict()})
+        assert not (report.missing or report.unexpected or report.mismatched), report
+        with torch.no_grad():
+            outs = ours.eval()(x)
+        assert len(outs) == 4
+        for out, ref in zip(outs, reference):
+            assert (out - ref).abs().max() <= 1e-10 * ref.abs().max(), (deploy, case)
