@@ -5,6 +5,7 @@ Usage::
     python tools/upstream_suite.py work_dirs/upstream/mmdet-3.3.0/test_resnet.py
     python tools/upstream_suite.py FILE --sections --json work_dirs/upstream/mmdet.json
     python tools/upstream_suite.py FILE -- -k bottleneck     # arguments after -- go to pytest
+    python tools/upstream_suite.py FILE --upstream           # the baseline: upstream's classes
 
 The test file (mmdet's or mmseg's ``tests/test_models/test_backbones/test_resnet.py``,
 mmpretrain's ``test_repvgg.py``, ...) is copied, with the helper modules it imports
@@ -242,8 +243,10 @@ class SectionItem(pytest.Item):
 class UpstreamPlugin:
     """The pytest plugin of one run: substitutes names, makes sections, records results."""
 
-    def __init__(self, package_dir: Path, test_copy: Path, sections: bool):
+    def __init__(self, package_dir: Path, test_copy: Path, sections: bool,
+                 substitute: bool = True):
         self.package_dir, self.test_copy, self.sections = package_dir, test_copy, sections
+        self.substitute = substitute
         self.replaced: Dict[str, Dict[str, str]] = {}
         self.results: Dict[str, dict] = {}
         self.order: List[str] = []
@@ -251,8 +254,9 @@ class UpstreamPlugin:
     def _substitute_loaded(self):
         for name, module in list(sys.modules.items()):
             path = getattr(module, '__file__', None)
-            if path and Path(path).parent == self.package_dir and name not in self.replaced:
-                self.replaced[name] = substitute_names(module)
+            if ('.' in name and path and Path(path).parent == self.package_dir
+                    and name not in self.replaced):  # the test module and its helpers
+                self.replaced[name] = substitute_names(module) if self.substitute else {}
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_pycollect_makeitem(self, collector, name, obj):
@@ -337,9 +341,10 @@ def _versions() -> Dict[str, Optional[str]]:
 
 
 def run_suite(test_file: Path, sections: bool = False,
-              pytest_args: Optional[List[str]] = None) -> dict:
-    """Run ``test_file`` with mmreparam's classes in place of upstream's; return the report
-    (what ``--json`` writes)."""
+              pytest_args: Optional[List[str]] = None, substitute: bool = True) -> dict:
+    """Run ``test_file`` with mmreparam's classes in place of upstream's (with upstream's
+    own when not ``substitute``: the baseline); return the report (what ``--json``
+    writes)."""
     test_file = Path(test_file)
     if not test_file.is_file():
         raise FileNotFoundError(f'no test file {test_file}')
@@ -354,7 +359,7 @@ def run_suite(test_file: Path, sections: bool = False,
         ini = Path(tmp, 'pytest.ini')
         ini.write_text('[pytest]\n')
         test_copy = package_dir / test_file.name
-        plugin = UpstreamPlugin(package_dir, test_copy, sections)
+        plugin = UpstreamPlugin(package_dir, test_copy, sections, substitute)
         args = [str(test_copy), '-c', str(ini), '--rootdir', tmp, '-p', 'no:cacheprovider',
                 '-q', '--tb=short', '-o', 'python_files=test_*.py', *(pytest_args or [])]
         code = pytest.main(args, plugins=[plugin])
@@ -372,7 +377,8 @@ def run_suite(test_file: Path, sections: bool = False,
         function = test['id'].split('[', 1)[0]
         functions[function] = functions.get(function, True) and test['outcome'] == 'passed'
     return dict(file=str(test_file), date=datetime.date.today().isoformat(),
-                mode='sections' if sections else 'functions', versions=_versions(),
+                mode='sections' if sections else 'functions', substituted=substitute,
+                versions=_versions(),
                 replaced={k.rsplit('.', 1)[-1]: v for k, v in plugin.replaced.items()},
                 tests=tests, summary=dict(total=len(tests), **counts),
                 functions=dict(total=len(functions),
@@ -381,7 +387,8 @@ def run_suite(test_file: Path, sections: bool = False,
 
 def format_report(report: dict) -> str:
     """The per-test table and the summary, as text."""
-    lines = [f'{report["file"]} ({report["mode"]}), {report["date"]}',
+    classes = 'mmreparam' if report['substituted'] else "upstream's own"
+    lines = [f'{report["file"]} ({report["mode"]}, {classes} classes), {report["date"]}',
              '  ' + ', '.join(f'{k} {v}' for k, v in report['versions'].items() if v)]
     for module, names in report['replaced'].items():
         for name, target in names.items():
@@ -410,6 +417,8 @@ def parse_args(argv=None):
     parser.add_argument('--sections', action='store_true',
                         help='run each test function section by section (see the docstring)')
     parser.add_argument('--json', metavar='PATH', help='also write the report as JSON')
+    parser.add_argument('--upstream', action='store_true',
+                        help="run with upstream's own classes (no replacement): the baseline")
     parser.epilog = 'Arguments after -- go to pytest (e.g. -- -k bottleneck).'
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index('--') if '--' in argv else len(argv)
@@ -425,7 +434,8 @@ def main(argv=None) -> int:
     result = {}
 
     def body():
-        result['report'] = run_suite(Path(args.test_file), args.sections, args.pytest_args)
+        result['report'] = run_suite(Path(args.test_file), args.sections, args.pytest_args,
+                                     substitute=not args.upstream)
 
     status = run_tool('tools/upstream_suite.py', body,
                       errors=(OSError, ValueError, RuntimeError, SyntaxError))

@@ -67,7 +67,7 @@ def test_sections_with_our_classes(upstream, tmp_path):
     result = run_tool(str(upstream), '--sections', '--json', str(out))
     assert result.returncode == 1, result.stderr  # not every section passed
     report = json.loads(out.read_text())
-    assert report['mode'] == 'sections'
+    assert report['mode'] == 'sections' and report['substituted'] is True
     assert report['replaced']['utils'] == {
         'Bottleneck': "mmreparam.models.backbones.resnet.Bottleneck({'reparam': 'base'})"}
     assert report['replaced']['test_fake']['ResLayer'].startswith('missing: ')
@@ -109,3 +109,15 @@ def test_bad_input_is_one_message(upstream, tmp_path):
         'to the test file']
     result = run_tool(str(tmp_path / 'nothing.py'))
     assert result.returncode == 1 and 'no test file' in result.stderr
+
+
+def test_upstream_baseline_keeps_their_classes(upstream, tmp_path):
+    out = tmp_path / 'report.json'
+    result = run_tool(str(upstream), '--upstream', '--json', str(out))
+    assert result.returncode == 1, result.stderr
+    report = json.loads(out.read_text())
+    assert report['substituted'] is False and report['replaced'] == {'test_fake': {},
+                                                                    'utils': {}}
+    assert [(t['id'], t['outcome']) for t in report['tests']] == [
+        ('test_built_with_ours', 'failed'), ('test_res_layer', 'passed')]  # mmdet's own
+    assert report['tests'][0]['line'] == line_of("hasattr(model, 'stem')", FAKE_TEST)
