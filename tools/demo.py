@@ -17,7 +17,6 @@ import logging
 import os
 import os.path as osp
 import statistics
-import subprocess
 import sys
 import time
 
@@ -37,18 +36,9 @@ TASKS = {
 
 
 def run(step: str, cmd: list, log_path: str) -> None:
-    """Run a tool, keep its whole log, show its progress lines; stop on failure."""
-    print(f'[demo] {step}', flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    with open(log_path, 'w') as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env)
-        for line in proc.stdout:
-            log.write(line)
-            if 'Iter(train)' in line or 'Iter(test)' in line or 'fold error' in line:
-                print('        ' + line.split(' - INFO - ')[-1].rstrip()[:150], flush=True)
-        if proc.wait() != 0:
-            sys.exit(f'[demo] {step} failed (exit {proc.returncode}); see {log_path}')
+    """Run a tool as a step of the demo (:func:`mmreparam.cli.steps.run_step`)."""
+    from mmreparam.cli.steps import run_step
+    run_step(step, cmd, log_path, cwd=ROOT, prefix='[demo]')
 
 
 @contextlib.contextmanager
