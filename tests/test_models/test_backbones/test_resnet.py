@@ -444,3 +444,27 @@ def test_zero_init_residual_as_mmdet_decides(init_cfg, zero_init_residual):
                    for unit in layer]
     assert ours_zeroed == det_zeroed
     assert set(det_zeroed) == {zero_init_residual and init_cfg is None}
+
+
+@pytest.mark.parametrize('reparam', ['base', 'DBB'])
+def test_mmdet_checkpoint_with_plugins_loads_with_its_plugins(reparam):
+    """A GCNet backbone trained with mmdet: its plugin weights load as they are, its
+    convolutions are expanded into the re-param form, the outputs stay."""
+    from mmdet.models.backbones import ResNet as DetResNet
+
+    from mmreparam.checkpoint import load_pretrained
+    plugins = [dict(cfg=dict(type='ContextBlock', ratio=1. / 4),
+                    stages=(False, True, True, True), position='after_conv3')]
+    torch.manual_seed(0)
+    det = randomized(DetResNet(50, base_channels=8, plugins=plugins))
+    ours = ResNet(50, reparam=reparam, plugins=plugins, **SMALL)
+    load_pretrained(ours, {'state_dict': det.state_dict()})
+    ours.eval()
+    plugin_keys = [k for k in det.state_dict() if '.context_block.' in k]
+    assert len(plugin_keys) == 13 * 8  # 13 units in stages 2-4, 8 tensors per GC block
+    for key in plugin_keys:
+        assert torch.equal(ours.state_dict()[key], det.state_dict()[key]), key
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(det(x), ours(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
