@@ -10,7 +10,7 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from torch import Tensor
 
-from ..models.layers.base import fold_tree
+from ..models.layers.base import fold_tree, foreign_fold_problem
 
 
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -28,7 +28,16 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Returns:
         nn.Module: The folded model (``model`` itself when ``inplace``).
+
+    Raises:
+        ValueError: ``model`` holds another library's module whose own fold is known to
+            change its function (:func:`~mmreparam.models.layers.base.foreign_fold_problem`);
+            nothing is folded then.
     """
+    for module in model.modules():
+        problem = foreign_fold_problem(module)
+        if problem:
+            raise ValueError(problem)
     if not inplace:
         model = copy.deepcopy(model)
     modes = {m: m.training for m in model.modules()}

@@ -45,6 +45,27 @@ def test_fold_mixes_our_blocks_and_mmpretrain_repvgg():
     assert not folded.training  # the mode of the source (eval) is kept
 
 
+def test_fold_refuses_mmpretrain_se_blocks_whose_own_fold_drops_the_se():
+    from mmpretrain.models.backbones import RepVGG as MMPretrainRepVGG
+    torch.manual_seed(0)
+    tiny_se = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25, 0.25, 0.25, 0.25],
+                   group_layer_map=None, se_cfg=dict(ratio=4, divisor=1))
+    model = randomize_bn(MMPretrainRepVGG(arch=tiny_se, out_indices=(3, )), seed=2)
+    model.eval()  # mmpretrain's train() override returns None, so no chaining
+    x = torch.randn(2, 3, 32, 32)
+    # what mmpretrain's own switch_to_deploy does to it: not the same function
+    theirs = copy.deepcopy(model)
+    theirs.switch_to_deploy()
+    assert mmreparam.fold_error(model, theirs, x)['max_rel'] > 1e-2
+    before = copy.deepcopy(model.state_dict())
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match='RepVGGBlock with se_cfg cannot be folded'):
+            mmreparam.fold(model, inplace=inplace)
+    # nothing was folded, not even in place
+    assert all(not m.deploy for m in model.modules() if type(m).__name__ == 'RepVGGBlock')
+    assert model.state_dict().keys() == before.keys()
+
+
 def test_fold_inplace_and_mode_restored():
     model = nn.Sequential(RepVGGBlock(4, 4), nn.BatchNorm2d(4)).train()
     out = mmreparam.fold(model, inplace=True)

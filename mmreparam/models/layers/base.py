@@ -327,6 +327,24 @@ class ReparamBlock(BaseModule):
 FOREIGN_FOLD_METHODS = ('switch_to_deploy', 'reparameterize')
 
 
+def foreign_fold_problem(module: nn.Module) -> Optional[str]:
+    """Why folding ``module`` with its own library's method would change its function; None
+    when nothing is known against it.
+
+    Known: mmpretrain (1.2.0)'s ``RepVGGBlock`` with an SE layer. Its deploy-mode forward
+    returns ``branch_reparam(x)`` before the SE layer, so ``switch_to_deploy()`` drops the SE
+    from the function (measured: relative error about 30 on a D2se block).
+    """
+    cls = type(module)
+    if cls.__module__.startswith('mmpretrain.') and cls.__name__ == 'RepVGGBlock' \
+            and getattr(module, 'se_cfg', None) is not None and not module.deploy:
+        return (f'{cls.__module__}.RepVGGBlock with se_cfg cannot be folded: its deploy form '
+                'skips the SE layer (mmpretrain returns branch_reparam(x) before it), so its '
+                'outputs would change. Build mmreparam.RepVGG with the same arch and se_cfg '
+                'instead: mmpretrain checkpoints load into it, and its fold keeps the SE')
+    return None
+
+
 @runtime_checkable
 class Foldable(Protocol):
     """The fold protocol of mmreparam's self-folding modules (:func:`fold_tree` uses it).
