@@ -1,7 +1,9 @@
 """Shared test configuration."""
+import importlib.util
 import logging
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +33,17 @@ def _mmengine_log_streams():
             if type(handler) is logging.StreamHandler:  # console, not file handlers
                 handler.stream = sys.stdout  # setStream would flush the closed one
     yield
+
+
+@pytest.fixture(scope='session')
+def load_tool():
+    """A function that imports ``tools/<name>.py`` as a module (tools/ is not a package)."""
+    tools = Path(__file__).resolve().parents[1] / 'tools'
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, tools / f'{name}.py')
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

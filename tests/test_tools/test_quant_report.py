@@ -1,6 +1,5 @@
 """tools/quant_report.py: the variants' configs, the weight-spread statistic, bad counts, and
 (slow) a whole run of one small variant, then a rerun that keeps its report."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,12 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope='module')
-def tool():
-    spec = importlib.util.spec_from_file_location('quant_report', REPO / 'tools' /
-                                                  'quant_report.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool('quant_report')
 
 
 def test_variants_differ_only_in_the_backbone_and_its_optimizer(tool):

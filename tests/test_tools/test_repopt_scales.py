@@ -1,5 +1,4 @@
 """tools/repopt_scales.py: constant scales, extraction from HS checkpoints, bad input."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope='module')
-def tool():
-    spec = importlib.util.spec_from_file_location('repopt_scales', REPO / 'tools' /
-                                                  'repopt_scales.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool('repopt_scales')
 
 
 def same(a, b):
