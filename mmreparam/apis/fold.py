@@ -76,13 +76,13 @@ def _fold_copy(model: nn.Module, strict: bool) -> nn.Module:
     with torch.no_grad():
         folded, count = fold_module(model, '', failures)
     _restore_modes(folded, modes, modes[model])
+    if failures and strict:
+        raise ForeignFoldError(f'{len(failures)} module(s) of {type(model).__name__} cannot be '
+                               f'folded: {describe_failures(failures)}')
     if failures:
-        text = (f'mmreparam.fold: {len(failures)} module(s) of {type(model).__name__} left '
-                f'unfolded (their own fold method failed; each is as it was): '
-                f'{describe_failures(failures)}')
-        if strict:
-            raise ForeignFoldError(text)
-        print_log(text, logger='current', level=logging.WARNING)
+        print_log(f'mmreparam.fold: {len(failures)} module(s) of {type(model).__name__} left '
+                  f'unfolded (their own fold method failed; each is as it was): '
+                  f'{describe_failures(failures)}', logger='current', level=logging.WARNING)
     print_log(f'mmreparam.fold: folded {count} module(s) of {type(model).__name__}',
               logger='current')
     return folded
