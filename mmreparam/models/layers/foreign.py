@@ -3,14 +3,17 @@
 mmpretrain, mmyolo and timm fold their blocks with methods of their own, under a handful of
 names. :data:`FOREIGN_FOLDS` lists them, in the order they are looked for, and
 :func:`foreign_deploy_state` reads the markers by which their modules say that they are in
-deploy form (built that way or already folded), so that :func:`~.base.fold_tree` calls each
-method at most once and leaves a deploy-form model as it is.
+deploy form (built that way or already folded), so that :func:`~.base.fold_module` does not
+call a method again on a module it has folded (many are not idempotent) and leaves a
+deploy-form model as it is. A module without any marker is folded each time it is met.
 
 Surveyed: mmpretrain 1.2.0 (RepVGG, MobileOne, RepLKNet, RepMLPNet, RIFormer, LeViT,
 TinyViT), timm 1.0.31 (byobnet RepVGG / MobileOne, FastViT, GhostNetV3, RepGhostNet,
-LCNetV2, NextViT, RepViT, LeViT, EfficientViT-MSRA, TinyViT, SHViT, iFormer, EfficientViM),
-mmdet 3.3.0 (no fold methods). Model-level conveniences (timm's ``convert_to_deploy``) are
-not called: walking the model folds the same modules.
+LCNetV2, NextViT, RepViT, LeViT, EfficientViT-MSRA, TinyViT, SHViT, iFormer, EfficientViM);
+mmdet 3.3.0, mmseg 1.2.2 and mmcv 2.1.0 have none (mmdet's FPG neck has a ``fuse(fuse_dict)``
+that is no fold: a method that needs arguments is never called). mmyolo (not installed here)
+is known by its ``switch_to_deploy``. Model-level conveniences (timm's ``convert_to_deploy``)
+are not called: walking the model folds the same modules.
 """
 import inspect
 from dataclasses import dataclass
@@ -43,7 +46,7 @@ class ForeignFold:
 FOREIGN_FOLDS: Tuple[ForeignFold, ...] = (
     ForeignFold('switch_to_deploy', False,
                 'mmpretrain RepVGG / MobileOne / RIFormer blocks and backbones, LeViT '
-                'backbone and head, RepLKNet and RepMLPNet backbones; mmyolo RepVGGBlock; '
+                'backbone and head, RepLKNet and RepMLPNet backbones; mmyolo; '
                 'timm GhostNetV3, RepGhost modules'),
     ForeignFold('reparameterize', False,
                 'timm byobnet RepVggBlock / MobileOneBlock, FastViT (MobileOneBlock, '
