@@ -14,4 +14,9 @@ class ExpansionError(ValueError):
     is too narrow for it, or its norm layer cannot represent the affine map)."""
 
 
-__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'ExpansionError']
+class ForeignFoldError(RuntimeError):
+    """Another library's fold method (``switch_to_deploy()``, ``fuse()``, ...) raised, or a
+    module was left unfolded; the message names the module paths and the foreign errors."""
+
+
+__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'ExpansionError', 'ForeignFoldError']

@@ -1,9 +1,10 @@
 """Convert a checkpoint (official OREPA / DBB / RepVGG / RepMLP-ResNet, mmpretrain, torchvision,
-mmdet) into mmreparam's layout for one backbone.
+mmdet, timm repvgg_* / resnet*d) into mmreparam's layout for one backbone.
 
     python tools/convert.py ResNet-50_OREPA.pth.tar r50_orepa.pth --arch ResNet-50
     python tools/convert.py resnet50-0676ba61.pth r50_dbb.pth --arch ResNet-50 --reparam DBB
     python tools/convert.py RepVGG-A0-train.pth a0_deploy.pth --arch RepVGG-A0 --deploy
+    python tools/convert.py timm_resnet50d.pth r50d_orepa.pth --arch resnet50d --reparam OREPA
     python tools/convert.py RepMLP-Res50-light-224_train.pth light.pth \
         --arch RepMLP-Res50-light-224 --deploy
 
@@ -34,7 +35,8 @@ def parse_args(argv=None):
     parser.add_argument('dst', help='output file')
     parser.add_argument('--arch', required=True,
                         help='ResNet-{18,34,50,101,152}, ResNeXt-{50,101}[-GxWd], '
-                        'ResNetV1c-N, ResNetV1d-N, RepVGG-{A0,...,D2se} or '
+                        'ResNetV1c-N, ResNetV1d-N (timm: resnetNd), RepVGG-{A0,...,D2se} '
+                        '(timm: repvgg_a0 ...) or '
                         'RepMLP-Res50-{light,bottleneck}[-224]')
     parser.add_argument('--reparam', default=None,
                         help='block type (base, ACB, DBB, OREPA, RepVGG, OREPA_VGG); '
@@ -49,13 +51,14 @@ def parse_args(argv=None):
 
 def backbone_cfg(arch: str, reparam: str, deploy: bool, extra: dict) -> dict:
     """The mmreparam backbone config named by ``arch``."""
-    resnet = re.fullmatch(r'(?i)resnet(v1c|v1d)?-?(\d+)', arch)
+    resnet = re.fullmatch(r'(?i)resnet(v1c|v1d)?-?(\d+)(d)?', arch)  # resnet50d: timm's
     resnext = re.fullmatch(r'(?i)resnext-?(\d+)(?:-(\d+)x(\d+)d)?', arch)
-    repvgg = re.fullmatch(r'(?i)repvgg-?(\w+)', arch)
+    repvgg = re.fullmatch(r'(?i)repvgg[-_]?([a-z0-9]+)', arch)
     repmlp = re.fullmatch(r'(?i)repmlp[-_]?res(?:net)?[-_]?50[-_](light|bottleneck)(?:[-_]224)?',
                           arch)
     if resnet:
-        variant, depth = resnet.groups()
+        variant, depth, timm_d = resnet.groups()
+        variant = variant or (timm_d and 'v1d')
         cfg = dict(type='ResNet', depth=int(depth))
         if variant:
             cfg.update(deep_stem=True, avg_down=variant.lower() == 'v1d')

@@ -81,7 +81,7 @@ def run(args):
     model.eval()
     start = time.perf_counter()
     try:
-        folded = mmreparam.fold(model)
+        folded = mmreparam.fold(model, strict=True)  # a deploy file is folded throughout
     except Exception as exc:
         raise FoldFailed(f'folding the model failed ({describe_error(exc)}); nothing was written')
     seconds = time.perf_counter() - start

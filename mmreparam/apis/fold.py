@@ -3,52 +3,96 @@ import contextlib
 import copy
 import logging
 import math
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 from torch import Tensor
 
-from ..models.layers.base import fold_tree, foreign_fold_problem
+from ..errors import ForeignFoldError
+from ..models.layers.base import FoldFailure, describe_failures, fold_module
+from ..models.layers.foreign import foreign_fold_problem
 
 
-def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
+def fold(model: nn.Module, inplace: bool = False, strict: bool = False) -> nn.Module:
     """Fold every re-parameterizable module of ``model`` into plain convolutions.
 
     Folds mmreparam's blocks (every :class:`ReparamBlock`, and :class:`RepMLPBlock` into its
-    FCs: the ``Foldable`` protocol) and other libraries' modules that
-    expose ``switch_to_deploy()`` (mmpretrain, mmyolo) or ``reparameterize()`` (timm), in any
-    model: a backbone, a detector, a segmentor or a classifier. The fold uses the eval-mode
-    function of the BatchNorms; each module's train/eval flag is restored afterwards.
+    FCs: the ``Foldable`` protocol) and other libraries' modules through their own fold
+    methods (:data:`~mmreparam.models.layers.foreign.FOREIGN_FOLDS`: ``switch_to_deploy``,
+    ``reparameterize``, ``merge_kernel``, ``local_inject`` in place, ``fuse`` by
+    replacement; mmpretrain, mmyolo, timm), in any model: a backbone, a detector, a
+    segmentor or a classifier. A foreign module whose markers say it is in deploy form
+    (built so, or folded before) is left alone, so folding twice changes nothing. The fold
+    uses the eval-mode function of the BatchNorms; each module's train/eval flag is
+    restored afterwards (a module that replaced another takes its parent's).
+
+    A foreign method that raises leaves its module as it was; fold then logs one WARNING
+    naming the module paths and the errors (``strict=True`` raises instead).
 
     Args:
         model (nn.Module): The model.
         inplace (bool): Fold ``model`` itself instead of a deep copy. Defaults to False.
+            When ``model`` itself is replaced by its own ``fuse()``, the returned module is
+            the folded one.
+        strict (bool): Raise when something is left unfolded instead of warning. With
+            ``inplace``, a copy is folded first, so that nothing is changed when it raises.
+            Defaults to False.
 
     Returns:
-        nn.Module: The folded model (``model`` itself when ``inplace``).
+        nn.Module: The folded model (``model`` itself when ``inplace``, unless replaced).
 
     Raises:
+        TypeError: ``model`` is not a module (e.g. None: the ``train()`` override of
+            mmpretrain's backbones returns None, so ``fold(backbone.eval())`` passes None).
         ValueError: ``model`` holds another library's module whose own fold is known to
-            change its function (:func:`~mmreparam.models.layers.base.foreign_fold_problem`);
+            change its function (:func:`~mmreparam.models.layers.foreign.foreign_fold_problem`);
             nothing is folded then.
+        ForeignFoldError: ``strict`` and a foreign fold method raised.
     """
+    if not isinstance(model, nn.Module):
+        hint = (': mmpretrain backbones\' train() (and so eval()) return None, so '
+                'fold(backbone.eval()) passes None; call backbone.eval() first, then '
+                'fold(backbone)') if model is None else ''
+        raise TypeError(f'mmreparam.fold() needs an nn.Module, got {type(model).__name__}'
+                        f'{hint}')
     for module in model.modules():
         problem = foreign_fold_problem(module)
         if problem:
             raise ValueError(problem)
+    if strict and inplace:
+        _fold_copy(copy.deepcopy(model), strict=True)  # raises before anything changes
     if not inplace:
         model = copy.deepcopy(model)
+    return _fold_copy(model, strict)
+
+
+def _fold_copy(model: nn.Module, strict: bool) -> nn.Module:
+    """Fold ``model`` in place (see :func:`fold`); return the folded model."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
+    failures: List[FoldFailure] = []
     with torch.no_grad():
-        count = fold_tree(model)
-    for m in model.modules():
-        m.training = modes.get(m, False)
+        folded, count = fold_module(model, '', failures)
+    _restore_modes(folded, modes, modes[model])
+    if failures and strict:
+        raise ForeignFoldError(f'{len(failures)} module(s) of {type(model).__name__} cannot be '
+                               f'folded: {describe_failures(failures)}')
+    if failures:
+        print_log(f'mmreparam.fold: {len(failures)} module(s) of {type(model).__name__} left '
+                  f'unfolded (their own fold method failed; each is as it was): '
+                  f'{describe_failures(failures)}', logger='current', level=logging.WARNING)
     print_log(f'mmreparam.fold: folded {count} module(s) of {type(model).__name__}',
               logger='current')
-    return model
+    return folded
+
+
+def _restore_modes(module: nn.Module, modes: Dict[nn.Module, bool], parent: bool) -> None:
+    """Give each module its train/eval flag from ``modes``; a new one takes its parent's."""
+    module.training = modes.get(module, parent)
+    for child in module.children():
+        _restore_modes(child, modes, module.training)
 
 
 def _tensors(obj: Any) -> Iterator[Tensor]:

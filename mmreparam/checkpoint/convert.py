@@ -13,7 +13,10 @@ block for the model at hand:
 - mmpretrain's RepVGG (``branch_3x3`` / ``branch_1x1`` / ``branch_norm`` /
   ``branch_reparam``), usually a whole classifier under ``backbone.``;
 - plain ResNets in torchvision / mmdet / mmpretrain layout (``conv1``, ``bn1``,
-  ``layerX.Y.convK`` / ``bnK``, ``downsample``; mmdet's deep stem ``stem.0`` ... ``stem.7``).
+  ``layerX.Y.convK`` / ``bnK``, ``downsample``; mmdet's deep stem ``stem.0`` ... ``stem.7``);
+- timm's RepVGG (``repvgg_*``: ``stem``, ``stages.N.M`` with ``conv_kxk`` / ``conv_1x1`` /
+  ``identity``, or ``reparam_conv`` once reparameterized) and ResNet-D (``resnet*d``: the
+  deep stem ``conv1.0`` ... ``conv1.6`` + ``bn1``, torchvision's stages).
 
 Each block of the model is then filled in one of three ways. A checkpoint block of the same
 type is copied. A block of another type is built in the model's geometry, loaded, and

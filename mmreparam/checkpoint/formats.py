@@ -31,7 +31,8 @@ class CheckpointFormat:
 
     Attributes:
         name (str): 'mmreparam', 'official_resnet', 'official_repvgg',
-            'official_repmlp_resnet', 'mmpretrain_repvgg', 'plain_resnet', or 'unknown' (a
+            'official_repmlp_resnet', 'mmpretrain_repvgg', 'plain_resnet', 'timm_repvgg',
+            'timm_resnet_d', or 'unknown' (a
             layout of another code base that mmreparam cannot rename; the description says
             what it looks like).
         description (str): Human-readable, e.g. "official OREPA ResNet (train)".
@@ -118,6 +119,24 @@ def _official_repmlp_resnet(keys: List[str]) -> Optional[CheckpointFormat]:
         f'{_mode(train, deploy)})', 'base', folded=_folded(train, deploy))
 
 
+def _timm_format(keys: List[str]) -> Optional[CheckpointFormat]:
+    """timm's RepVGG (``repvgg_*``, train or reparameterized) or ResNet-D (``resnet*d``:
+    the deep stem ``conv1.0`` ... ``conv1.6``), or None."""
+    keyset = set(keys)
+    if keyset & {'stem.conv_kxk.conv.weight', 'stem.reparam_conv.weight'} and any(
+            key.startswith('stages.') for key in keys):
+        train = _has(keys, '.conv_kxk.')
+        deploy = _has(keys, 'reparam_conv.')
+        return CheckpointFormat('timm_repvgg',
+                                f'timm RepVGG (byobnet repvgg_*, {_mode(train, deploy)})',
+                                'RepVGG', folded=_folded(train, deploy))
+    if {'conv1.0.weight', 'conv1.6.weight', 'bn1.running_var'} <= keyset and any(
+            _PLAIN_KEY.match(key) for key in keys):
+        return CheckpointFormat('timm_resnet_d',
+                                'timm ResNet-D (resnet*d: deep stem conv1.0/1/3/4/6)')
+    return None
+
+
 def detect_format(state_dict: Mapping[str, Tensor]) -> CheckpointFormat:
     """Recognise the layout of a (prefix-stripped) state_dict.
 
@@ -159,6 +178,9 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> CheckpointFormat:
         return CheckpointFormat('mmpretrain_repvgg',
                                 f'mmpretrain RepVGG ({_mode(train, deploy)})', 'RepVGG',
                                 folded=_folded(train, deploy))
+    timm = _timm_format(keys)
+    if timm is not None:
+        return timm
     if any(_PLAIN_KEY.match(key) for key in keys):
         stem = ' with deep stem' if 'stem.0.weight' in state_dict else ''
         return CheckpointFormat('plain_resnet',

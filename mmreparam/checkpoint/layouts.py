@@ -261,6 +261,43 @@ def _rename_plain_resnet(state: StateDict, model: nn.Module) -> Renamed:
     return renamed, ignored
 
 
+# timm's RepVGG (``timm/models/byobnet.py`` RepVggBlock, ``repvgg_*``): stem ``stem``,
+# stages ``stages.N.M``, branches ``conv_kxk`` / ``conv_1x1`` (ConvNormAct: ``conv``,
+# ``bn``), ``identity`` (a BN), ``reparam_conv`` once folded, SE ``attn.fc1`` / ``attn.fc2``
+# (repvgg_d2se), classifier ``head.fc``.
+_TIMM_REPVGG_STAGE = re.compile(r'^stages\.(\d+)\.')
+_TIMM_REPVGG_PARTS = {'conv_kxk': 'rbr_dense', 'conv_1x1': 'rbr_1x1',
+                      'identity': 'rbr_identity', 'attn': 'se', 'fc1': 'down', 'fc2': 'up'}
+# timm's ResNet-D deep stem (``timm/models/resnet.py``, ``stem_type='deep'``): ``conv1`` is
+# a Sequential (conv, bn, ReLU) x 2 + conv, its last BN is ``bn1``.
+_TIMM_DEEP_STEM = {'conv1.0.': 'stem.0.conv.', 'conv1.1.': 'stem.0.bn.',
+                   'conv1.3.': 'stem.1.conv.', 'conv1.4.': 'stem.1.bn.',
+                   'conv1.6.': 'stem.2.conv.', 'bn1.': 'stem.2.bn.'}
+
+
+def _rename_timm_repvgg(state: StateDict, model: nn.Module) -> Renamed:
+    renamed, ignored = {}, []
+    for key, value in state.items():
+        if key.startswith('head.'):
+            ignored.append(key)
+            continue
+        key = _TIMM_REPVGG_STAGE.sub(lambda m: f'stage_{int(m.group(1)) + 1}.', key)
+        renamed['.'.join(_TIMM_REPVGG_PARTS.get(part, part) for part in key.split('.'))] = \
+            value
+    return renamed, ignored
+
+
+def _rename_timm_resnet_d(state: StateDict, model: nn.Module) -> Renamed:
+    restemmed = {}
+    for key, value in state.items():
+        for timm_prefix, ours in _TIMM_DEEP_STEM.items():
+            if key.startswith(timm_prefix):
+                key = ours + key[len(timm_prefix):]
+                break
+        restemmed[key] = value
+    return _rename_plain_resnet(restemmed, model)  # the stages are torchvision's
+
+
 #: The renamer of each layout :func:`~.formats.detect_format` recognises.
 RENAMERS: Dict[str, Callable[[StateDict, nn.Module], Renamed]] = {
     'mmreparam': _rename_mmreparam,
@@ -269,6 +306,8 @@ RENAMERS: Dict[str, Callable[[StateDict, nn.Module], Renamed]] = {
     'official_repmlp_resnet': _rename_official_repmlp_resnet,
     'mmpretrain_repvgg': _rename_mmpretrain_repvgg,
     'plain_resnet': _rename_plain_resnet,
+    'timm_repvgg': _rename_timm_repvgg,
+    'timm_resnet_d': _rename_timm_resnet_d,
 }
 
 

@@ -323,8 +323,11 @@ def test_fold_failure_loses_nothing_and_fold_py_redoes_the_export(image_folder, 
     runner, records = run_training(config_file(cfg, tmp_path))
     errors = records.lines(logging.ERROR)
     assert len(errors) == 1, errors
-    assert 'export failed while folding the model (RuntimeError: switch_to_deploy is ' \
-        'broken (injected))' in errors[0]
+    # the foreign error, with the module's path (FoldHook folds with strict=True)
+    assert 'export failed while folding the model (ForeignFoldError: 1 module(s) of ' \
+        'ImageClassifier cannot be folded: ' in errors[0]
+    assert '_ForeignNeck.switch_to_deploy() raised RuntimeError: switch_to_deploy is broken ' \
+        '(injected), at 1 module(s): neck' in errors[0]
     assert f'python tools/fold.py {tmp_path / "cfg.py"} {tmp_path / "work" / "iter_4.pth"} ' \
         f'{tmp_path / "work"}' in errors[0]
     assert deploy_files(tmp_path / 'work') == []
@@ -480,5 +483,7 @@ def test_fold_tool_on_a_wrong_or_failing_fold(image_folder, tmp_path, foreign_ne
         assert meta['fold_check']['status'] == 'failed'
         assert (out / 'deploy_config.py').exists()
     else:
-        assert 'folding the model failed (RuntimeError: switch_to_deploy is broken' in err[0]
+        assert 'folding the model failed (ForeignFoldError: ' in err[0]  # fold(strict=True)
+        assert 'switch_to_deploy() raised RuntimeError: switch_to_deploy is broken (injected), ' \
+            'at 1 module(s): neck' in err[0]
         assert deploy_files(out) == []

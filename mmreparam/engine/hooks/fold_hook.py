@@ -154,7 +154,7 @@ class FoldHook(Hook):
             model = source()
             model.eval()
             stage = 'folding the model'
-            folded = fold(model)
+            folded = fold(model, strict=True)
             if self.check_batch:
                 fold_check = self._check(runner, model, folded, ('val_dataloader',
                                                                  'test_dataloader',
@@ -208,7 +208,7 @@ class FoldHook(Hook):
             return
         model = self._unwrap(runner.model)
         try:
-            folded = fold(model)
+            folded = fold(model, strict=True)
         except Exception as exc:
             _log(f'folding for the test failed ({describe_error(exc)}); testing the train-time '
                  'model instead', logging.ERROR)
