@@ -252,12 +252,14 @@ train_cfg.update(max_iters=2, val_interval=2)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert 'output tensor(s) are empty' in log
-    assert 'FoldHook: fold error on a validation batch (backbone)' in log
+    # The RoI head has no proposal to run on: the features and the RPN are compared.
+    assert 'FoldHook: fold error on a validation batch (backbone + neck features, RPN ' \
+        'outputs)' in log
     assert (work / 'iter_2.pth').exists()
     check_deploy_artifacts(work, 'mmdet')
     meta = torch.load(work / 'deploy.pth', map_location='cpu', weights_only=True)['meta']
     assert meta['fold_check']['status'] == 'passed'
-    assert meta['fold_error']['measured_on'] == 'backbone outputs'
+    assert meta['fold_error']['measured_on'] == 'backbone + neck features, RPN outputs'
 
 
 def test_two_processes_finish_when_rank0_export_fails(tmp_path, data):
