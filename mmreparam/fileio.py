@@ -4,15 +4,19 @@ Used for every file mmreparam writes (deploy checkpoints and configs, converted 
 scales files, ONNX exports, metrics), by the library and the tools alike.
 
 A write goes to a hidden temporary file beside the target (``.NAME.tmp.PID.XXXX``), is
-flushed to disk, then renamed onto the target. On an exception, a KeyboardInterrupt or a
-SIGTERM during the write, the temporary file is removed and the target is left as it was;
-the SIGTERM is then delivered as before (it still ends the process). A SIGKILL cannot be
-caught: it leaves the temporary file, which the next write to the same target removes.
+flushed to disk, then renamed onto the target. The file gets the permissions ``open()`` gives
+a new file (``0o666`` less the process umask, e.g. ``0o644``), so that other users (a serving
+process, CI) read what the trainer wrote as they read mmengine's checkpoints beside it.
+
+On an exception, a KeyboardInterrupt or a SIGTERM during the write, the temporary file is
+removed and the target is left as it was; the SIGTERM is then delivered as before (it still
+ends the process). A SIGKILL cannot be caught: it leaves the temporary file, which the next
+write to the same target removes.
 """
 import contextlib
 import os
+import secrets
 import signal
-import tempfile
 import threading
 from typing import Any, Callable, Dict
 
@@ -101,11 +105,31 @@ def _fsync(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _create_temporary(path: str) -> str:
+    """Create the empty temporary file for ``path`` beside it; return its name.
+
+    Created with mode ``0o666`` and ``O_EXCL``, so the kernel applies the umask as for any
+    new file (``tempfile.mkstemp`` would give ``0o600``) and no other file is reused.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    suffix = os.path.splitext(name)[1]
+    while True:
+        tmp = os.path.join(directory, f'.{name}{_TMP_MARK}{os.getpid()}.'
+                                      f'{secrets.token_hex(4)}{suffix}')
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+
+
 def atomic_write(path: str, write: Callable[[str], Any]) -> None:
     """Call ``write(tmp_path)``, flush it to disk, then rename it onto ``path``.
 
     On any failure (an exception, KeyboardInterrupt, SIGTERM) the temporary file is removed
-    and the previous ``path`` (if any) is left untouched; the error propagates.
+    and the previous ``path`` (if any) is left untouched; the error propagates. The new
+    file has the mode ``open()`` gives a new file: ``0o666`` less the umask.
 
     Args:
         path (str): The file to write. Its folder is created if needed.
@@ -134,11 +158,7 @@ def atomic_write_files(writers: Dict[str, Callable[[str], Any]]) -> None:
                     directory = os.path.dirname(os.path.abspath(path))
                     os.makedirs(directory, exist_ok=True)
                     remove_stale_temporaries(path)
-                    fd, tmp = tempfile.mkstemp(
-                        prefix=f'.{os.path.basename(path)}{_TMP_MARK}{os.getpid()}.',
-                        suffix=os.path.splitext(path)[1], dir=directory)
-                    os.close(fd)
-                    temporaries[path] = tmp
+                    tmp = temporaries[path] = _create_temporary(path)
                     write(tmp)
                     _fsync(tmp)
                 for path, tmp in temporaries.items():

@@ -109,3 +109,29 @@ def test_a_temporary_left_by_sigkill_is_removed_by_the_next_write(tmp_path):
     time.sleep(0.1)
     save_checkpoint_atomic({'v': 1}, str(target))
     assert names(target.parent) == ['deploy.pth']
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test; restore it afterwards."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize('mask,mode', [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_get_the_mode_open_gives_a_new_file(tmp_path, umask, mask, mode):
+    """0o666 less the umask, as open() and mmengine's checkpoints beside them (was 0o600)."""
+    umask(mask)
+    save_checkpoint_atomic({'v': 1}, str(tmp_path / 'deploy.pth'))
+    atomic_write_files({str(tmp_path / 'a.json'): lambda t: open(t, 'w').write('{}'),
+                        str(tmp_path / 'deploy_config.py'): lambda t: open(t, 'w').write('')})
+    with open(tmp_path / 'reference', 'w'):
+        pass
+    assert (tmp_path / 'reference').stat().st_mode & 0o777 == mode
+    for name in ('deploy.pth', 'a.json', 'deploy_config.py'):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+    # A rewrite gives the same mode (the target's old mode is not kept: an old 0o600 goes).
+    os.chmod(tmp_path / 'deploy.pth', 0o600)
+    save_checkpoint_atomic({'v': 2}, str(tmp_path / 'deploy.pth'))
+    assert (tmp_path / 'deploy.pth').stat().st_mode & 0o777 == mode

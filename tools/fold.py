@@ -35,26 +35,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def fold_check(cfg, model, folded, shape):
-    """``(where, fold error or None, note)``: on one test batch if the dataset is there,
-    else on the backbone with a random input; never raises."""
-    from mmreparam import fold_error
-    from mmreparam.apis.fold import fold_error_on_batch
-    try:
-        from mmengine.runner import Runner
-        batch = next(iter(Runner.build_dataloader(cfg.test_dataloader)))
-        err = fold_error_on_batch(model, folded, batch)
-        return 'a test batch' + ('' if err['measured_on'] == 'model outputs'
-                                 else ' (backbone)'), err, None
-    except Exception as exc:  # no dataset here: check the backbone on a random input
-        note = f'no test batch ({describe_error(exc)})'
-    where = f'the backbone on a random {shape[0]}x{shape[1]} input'
-    try:
-        x = torch.randn(1, 3, *shape)
-        return where, fold_error(getattr(model, 'backbone', model),
-                                 getattr(folded, 'backbone', folded), x), note
-    except Exception as exc:
-        return where, None, f'{note}; not measured on {where} either ({describe_error(exc)})'
+def first_test_batch(cfg):
+    """``('a test batch', batch)``: the first batch of the config's test dataloader."""
+    from mmengine.runner import Runner
+    return 'a test batch', next(iter(Runner.build_dataloader(cfg.test_dataloader)))
 
 
 class FoldFailed(RuntimeError):
@@ -75,6 +59,7 @@ def run(args):
 
     import mmreparam
     from mmreparam.apis.deploy import export_deploy
+    from mmreparam.apis.fold import check_fold, fold_check_messages, fold_error_detail
     cfg = load_config(args.config, args.cfg_options)
     model = build_model(cfg)
     load_weights(model, args.checkpoint)
@@ -85,30 +70,28 @@ def run(args):
     except Exception as exc:
         raise FoldFailed(f'folding the model failed ({describe_error(exc)}); nothing was written')
     seconds = time.perf_counter() - start
-    where, err, note = fold_check(cfg, model, folded, args.shape)
-    if err is None:
-        fold_check_meta = dict(status='not measured', reason=note)
-    else:
-        fold_check_meta = dict(status='passed' if err['max_rel'] <= args.max_rel_error
-                               else 'failed', max_rel_error=args.max_rel_error,
-                               measured_on=where)
+    fold_check, err = check_fold(model, folded, lambda: first_test_batch(cfg), args.max_rel_error,
+                                 fallback_shape=args.shape)
     params = sum(p.numel() for p in model.parameters())
     params_folded = sum(p.numel() for p in folded.parameters())
     paths = export_deploy(folded, cfg, args.out_dir,
                           meta=dict(source=os.path.abspath(args.checkpoint), fold_error=err,
-                                    fold_check=fold_check_meta))
-    measured = ('not measured: ' + note if err is None else
-                f'max abs {err["max_abs"]:.3g}, max rel {err["max_rel"]:.3g}')
+                                    fold_check=fold_check))
     print(f'folded in {seconds:.2f} s: {params / 1e6:.2f}M -> {params_folded / 1e6:.2f}M '
-          f'parameters; fold error on {where}: {measured}')
+          'parameters')
+    for _, message in fold_check_messages(fold_check, err)[:1]:  # the failure: below
+        note = fold_check.get('reason') if err is not None else None
+        print(message + (f' ({note})' if note else ''))
     print('wrote ' + ' and '.join(p for p in (paths['checkpoint'], paths['config']) if p))
     if args.onnx:
         export_backbone_onnx(folded, args.out_dir, args.shape)
-    if fold_check_meta['status'] == 'failed':
+    if fold_check['status'] == 'failed':
+        detail = fold_error_detail(err, args.max_rel_error)
         raise FoldMismatch(
-            f'fold error {err["max_rel"]:.3g} on {where} is above --max-rel-error '
-            f'{args.max_rel_error:g}: the folded model does not compute what the trained one '
-            'computes (the files are written, marked fold_check=failed, for inspection)')
+            f'fold error {err["max_rel"]:.3g} on {fold_check["measured_on"]} is above '
+            f'--max-rel-error {args.max_rel_error:g}' + (f' ({detail})' if detail else '')
+            + ': the folded model does not compute what the trained one computes (the files '
+            'are written, marked fold_check=failed, for inspection)')
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,8 @@
 
 Builds the model of the config, loads the checkpoint (train-time or folded), folds it and
 quantizes its backbone (and neck, if any) with onnxruntime's static post-training quantization,
-calibrated on ``--calib`` images of the config's val (else test) dataloader. Writes
+calibrated on ``--calib`` images of the config's val (else test) dataloader (by default up to
+32, as many as the data set allows besides the ``--eval`` ones). Writes
 ``OUT_DIR/model.onnx`` (float), ``OUT_DIR/model_int8.onnx`` and ``OUT_DIR/report.json``:
 int8 vs float error and cosine similarity on ``--eval`` held-back images, file sizes,
 onnxruntime CPU latency, and the metric of both through the config's evaluator (the heads
@@ -20,11 +21,12 @@ def parse_args(argv=None):
     parser.add_argument('config', help='config file (train-time or deploy_config.py)')
     parser.add_argument('checkpoint', help='checkpoint of that config')
     parser.add_argument('out_dir', help='where model.onnx, model_int8.onnx and report.json go')
-    parser.add_argument('--calib', type=int, default=32,
-                        help='number of calibration images (default: 32)')
-    parser.add_argument('--eval', type=int, default=8,
+    parser.add_argument('--calib', type=int, default=None,
+                        help='number of calibration images, the first of the data set '
+                        '(default: 32, or as many as the data set allows besides --eval)')
+    parser.add_argument('--eval', type=int, default=None,
                         help='number of held-back images (after the calibration ones) for the '
-                        'int8 vs float error (default: 8)')
+                        'int8 vs float error (default: 8, at most a quarter of the data set)')
     parser.add_argument('--activations', choices=('uint8', 'int8'), default='uint8',
                         help='activation type (default: uint8, the fast one on x86 CPUs; int8 '
                         'for ARM; weights are always int8)')
@@ -43,7 +45,7 @@ def run(args):
     check_paths(args.config, args.checkpoint, args.out_dir)
     for option, value in (('--calib', args.calib), ('--eval', args.eval),
                           ('--latency-runs', args.latency_runs)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f'{option} must be at least 1, got {value}')
 
     from mmreparam.apis.quantize import quantize_int8

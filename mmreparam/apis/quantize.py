@@ -22,6 +22,7 @@ import contextlib
 import copy
 import itertools
 import json
+import logging
 import math
 import os.path as osp
 import shutil
@@ -57,8 +58,48 @@ class _FeatureExtractor(nn.Module):
         return self.model.extract_feat(x)
 
 
-def quantize_int8(model: nn.Module, cfg, out_dir: str, calib_images: int = 32,
-                  eval_images: int = 8, activation_type: str = 'uint8',
+DEFAULT_CALIB_IMAGES = 32
+DEFAULT_EVAL_IMAGES = 8
+
+
+def split_images(available: int, calib_images: Optional[int] = None,
+                 eval_images: Optional[int] = None) -> Tuple[int, int]:
+    """The numbers of calibration and held-back images to use out of ``available``.
+
+    A number given is used as it is. One not given fits the data: up to
+    ``DEFAULT_EVAL_IMAGES`` (8) held-back images, at most a quarter of the data set (at
+    least 1) when both are left out, else what the calibration images leave; and up to
+    ``DEFAULT_CALIB_IMAGES`` (32) calibration images, as many as the held-back ones leave.
+    E.g. 16 images give 12 + 4, 100 give 32 + 8.
+
+    Args:
+        available (int): Number of images in the data set.
+        calib_images (int, optional): Calibration images asked for; None: fit the data.
+        eval_images (int, optional): Held-back images asked for; None: fit the data.
+
+    Returns:
+        tuple[int, int]: ``(calib_images, eval_images)``.
+
+    Raises:
+        ValueError: The data set cannot hold both (the message names the tool's options
+            ``--calib`` / ``--eval`` next to the arguments).
+    """
+    if eval_images is None:
+        room = available // 4 if calib_images is None else available - calib_images
+        eval_images = max(1, min(DEFAULT_EVAL_IMAGES, room))
+    if calib_images is None:
+        calib_images = min(DEFAULT_CALIB_IMAGES, available - eval_images)
+    if calib_images < 1 or eval_images < 1 or calib_images + eval_images > available:
+        raise ValueError(
+            f'the data set has {available} images, fewer than the {calib_images} calibration '
+            f'+ {eval_images} held-back images asked for (the held-back ones must differ from '
+            'the calibration ones): ask for fewer (calib_images / eval_images; in '
+            'tools/quantize.py --calib / --eval), or leave them out to fit the data')
+    return calib_images, eval_images
+
+
+def quantize_int8(model: nn.Module, cfg, out_dir: str, calib_images: Optional[int] = None,
+                  eval_images: Optional[int] = None, activation_type: str = 'uint8',
                   evaluate: bool = True, latency_runs: int = 10) -> Dict[str, Any]:
     """Fold ``model``, export its feature extractor to ONNX and quantize it to int8.
 
@@ -75,7 +116,8 @@ def quantize_int8(model: nn.Module, cfg, out_dir: str, calib_images: int = 32,
       the metric of the float and the int8 feature extractor under the PyTorch heads.
 
     The same numbers are logged as a table. The calibration images are the first
-    ``calib_images`` of the dataloader, the held-back ones the next ``eval_images``; the
+    ``calib_images`` of the dataloader, the held-back ones the next ``eval_images`` (when
+    not given, as many as fit the data, up to 32 and 8: see :func:`split_images`); the
     metric is measured on the whole data set (calibration images included). All images
     must reach the model with one size (the ONNX export has a fixed input shape).
 
@@ -86,8 +128,10 @@ def quantize_int8(model: nn.Module, cfg, out_dir: str, calib_images: int = 32,
         cfg (Config): Its config: ``val_dataloader`` (else ``test_dataloader``) gives the
             images, ``val_evaluator`` (else ``test_evaluator``) the metric.
         out_dir (str): Output directory (created if needed).
-        calib_images (int): Number of calibration images. Defaults to 32.
-        eval_images (int): Number of held-back images for the error report. Defaults to 8.
+        calib_images (int, optional): Number of calibration images. Defaults to None: up
+            to 32, as the data allows (a WARNING says when fewer are used).
+        eval_images (int, optional): Number of held-back images for the error report.
+            Defaults to None: up to 8, a quarter of the data at most.
         activation_type (str): ``'uint8'`` or ``'int8'`` activations (see the module's
             documentation). Defaults to 'uint8'.
         evaluate (bool): Measure the metric when the config has an evaluator. Defaults to
@@ -108,10 +152,18 @@ def quantize_int8(model: nn.Module, cfg, out_dir: str, calib_images: int = 32,
     ort, quantization = _import_onnxruntime()
     split, loader_cfg, evaluator_cfg = _data_split(cfg)
     loader = _single_image_loader(loader_cfg)
-    if len(loader.dataset) < calib_images + eval_images:
-        raise ValueError(f'the {split} data set has {len(loader.dataset)} images, fewer than '
-                         f'the {calib_images} calibration + {eval_images} held-back images '
-                         'asked for (the held-back ones must differ from the calibration ones)')
+    asked = calib_images, eval_images
+    try:
+        calib_images, eval_images = split_images(len(loader.dataset), *asked)
+    except ValueError as err:
+        raise ValueError(f'the {split} {err}') from None
+    if (calib_images, eval_images) != (asked[0] or DEFAULT_CALIB_IMAGES,
+                                       asked[1] or DEFAULT_EVAL_IMAGES):
+        print_log(f'mmreparam.quantize: the {split} data set has {len(loader.dataset)} '
+                  f'images: calibrating on {calib_images} and holding back {eval_images} '
+                  f'(defaults {DEFAULT_CALIB_IMAGES} + {DEFAULT_EVAL_IMAGES}; fewer calibration '
+                  'images give coarser activation ranges)', logger='current',
+                  level=logging.WARNING)
     folded = fold(model).eval()
     extractor = _FeatureExtractor(folded).eval()
     images = _preprocessed_images(folded, loader)
@@ -210,6 +262,8 @@ def _check_arguments(model, out_dir, calib_images, eval_images, activation_type,
                      latency_runs) -> None:
     for name, value in (('calib_images', calib_images), ('eval_images', eval_images),
                         ('latency_runs', latency_runs)):
+        if value is None and name != 'latency_runs':
+            continue
         if not isinstance(value, int) or value < 1:
             raise ValueError(f'{name} must be a positive integer, got {value!r}')
     if activation_type not in ACTIVATION_TYPES:
@@ -404,4 +458,4 @@ def _write_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=2)
 
 
-__all__ = ['quantize_int8', 'format_report', 'FLOAT_ONNX', 'INT8_ONNX', 'REPORT']
+__all__ = ['quantize_int8', 'split_images', 'format_report', 'FLOAT_ONNX', 'INT8_ONNX', 'REPORT']

@@ -1,15 +1,17 @@
 """Run the upstream mmdet / mmseg / mmpretrain tools for a config (``tools/train.py``,
 ``tools/test.py``): the toolbox is chosen from the config, the rest is theirs."""
 import argparse
+import contextlib
 import copy
 import datetime
 import importlib
 import json
+import logging
 import os
 import os.path as osp
 import runpy
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from mmengine.config import Config
 
@@ -39,6 +41,35 @@ def upstream_tool(toolbox: str, name: str) -> str:
     return path
 
 
+def check_tool_arguments(name: str, argv: List[str]) -> Config:
+    """What ``tools/<name>`` checks before it starts: the config exists, loads and names its
+    toolbox; for ``test.py`` the checkpoint (``argv[1]``) exists too.
+
+    ``tools/dist_run.sh`` makes the same checks once before torchrun starts the processes
+    (:mod:`mmreparam.cli.precheck`), so that bad input is one error line.
+
+    Args:
+        name (str): The tool, ``'train.py'`` or ``'test.py'``.
+        argv (list[str]): Its arguments (config first).
+
+    Returns:
+        Config: The config.
+
+    Raises:
+        FileNotFoundError: The config or the checkpoint does not exist.
+        ValueError: The config's toolbox cannot be determined.
+    """
+    if not argv or not osp.isfile(argv[0]):
+        raise FileNotFoundError(f'config file {argv[0] if argv else None!r} does not exist')
+    cfg = Config.fromfile(argv[0])
+    detect_toolbox(cfg)
+    if name == 'test.py':
+        checkpoint = argv[1] if len(argv) > 1 else None
+        if checkpoint is None or not osp.isfile(checkpoint):
+            raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
+    return cfg
+
+
 def run_upstream_tool(name: str, argv: List[str], metrics_json: Optional[str] = None) -> None:
     """Run the upstream ``tools/<name>`` of the config's toolbox in this process.
 
@@ -48,27 +79,68 @@ def run_upstream_tool(name: str, argv: List[str], metrics_json: Optional[str] = 
     written there as JSON.
 
     Raises:
-        FileNotFoundError: The config does not exist.
+        FileNotFoundError: The config (or test.py's checkpoint) does not exist.
         ValueError: The config's toolbox cannot be determined.
     """
-    import mmreparam  # noqa: F401  (registry scope, checkpoint allow-list)
-    if not argv or not osp.isfile(argv[0]):
-        raise FileNotFoundError(f'config file {argv[0] if argv else None!r} does not exist')
     import torch.distributed as dist
-    cfg = Config.fromfile(argv[0])
+
+    import mmreparam  # noqa: F401  (registry scope, checkpoint allow-list)
+    cfg = check_tool_arguments(name, argv)
     toolbox = detect_toolbox(cfg)
     script = upstream_tool(toolbox, name)
     had_group = dist.is_available() and dist.is_initialized()
     argv = setup_cpu_distributed(cfg, argv)
     started_group = not had_group and dist.is_available() and dist.is_initialized()
-    if metrics_json:
-        _dump_test_metrics(metrics_json)
-    sys.argv = [script, *argv]
-    # The upstream scripts resolve relative imports from their own folder.
-    sys.path.insert(0, osp.dirname(script))
-    runpy.run_path(script, run_name='__main__')
+    with contextlib.ExitStack() as patches:
+        if metrics_json:
+            patches.enter_context(_dump_test_metrics(metrics_json))
+        if name == 'test.py':
+            patches.enter_context(_warn_on_failed_fold_check())
+        sys.argv = [script, *argv]
+        # The upstream scripts resolve relative imports from their own folder.
+        sys.path.insert(0, osp.dirname(script))
+        runpy.run_path(script, run_name='__main__')
     if started_group and dist.is_initialized():
         _close_process_group()
+
+
+def fold_check_warning(checkpoint: Any, path: str) -> Optional[str]:
+    """The warning for a deploy checkpoint whose fold check failed when it was written
+    (``meta['fold_check']['status'] == 'failed'``, see :class:`mmreparam.FoldHook`), else
+    None."""
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    check = meta.get('fold_check') if isinstance(meta, dict) else None
+    if not isinstance(check, dict) or check.get('status') != 'failed':
+        return None
+    error = meta.get('fold_error') or {}
+    measured = f'fold error {error["max_rel"]:.3g}' if isinstance(
+        error.get('max_rel'), float) else 'a fold error'
+    where = f' on {check["measured_on"]}' if check.get('measured_on') else ''
+    return (f'{path} is marked fold_check=failed: when it was written, its {measured}{where} '
+            f'was above max_rel_error={check.get("max_rel_error", "?")}, so these metrics may '
+            'not be those of the trained model (check it again with tools/fold.py CONFIG '
+            'TRAIN_CHECKPOINT OUT_DIR)')
+
+
+@contextlib.contextmanager
+def _warn_on_failed_fold_check():
+    """Make ``Runner.load_checkpoint`` log :func:`fold_check_warning` (rank 0's log)."""
+    from mmengine.logging import print_log
+    from mmengine.runner import Runner
+    original = Runner.load_checkpoint
+
+    def load_and_warn(self, filename, *args, **kwargs):
+        checkpoint = original(self, filename, *args, **kwargs)
+        warning = fold_check_warning(checkpoint, filename)
+        if warning:
+            print_log(f'mmreparam: {warning}', logger='current', level=logging.WARNING)
+        return checkpoint
+
+    Runner.load_checkpoint = load_and_warn
+    try:
+        yield
+    finally:
+        Runner.load_checkpoint = original
 
 
 def _close_process_group() -> None:
@@ -83,7 +155,8 @@ def _close_process_group() -> None:
     dist.destroy_process_group()
 
 
-def _dump_test_metrics(path: str) -> None:
+@contextlib.contextmanager
+def _dump_test_metrics(path: str):
     from mmengine.runner import Runner
 
     from ..fileio import atomic_write
@@ -95,6 +168,10 @@ def _dump_test_metrics(path: str) -> None:
         return metrics
 
     Runner.test = test_and_dump
+    try:
+        yield
+    finally:
+        Runner.test = original
 
 
 def _write_json(path: str, metrics: dict) -> None:
@@ -103,7 +180,8 @@ def _write_json(path: str, metrics: dict) -> None:
                    for k, v in (metrics or {}).items()}, f, indent=2)
 
 
-__all__ = ['TOOLBOXES', 'detect_toolbox', 'upstream_tool', 'run_upstream_tool']
+__all__ = ['TOOLBOXES', 'detect_toolbox', 'upstream_tool', 'check_tool_arguments',
+           'run_upstream_tool', 'fold_check_warning']
 
 
 def _launch_args(argv: List[str]) -> argparse.Namespace:

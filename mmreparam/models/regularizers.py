@@ -43,8 +43,9 @@ and 3.2 s (OREPA); a step at batch 2 of 64x64 took 0.79 / 1.5 / 4.1 s without it
 2.0 / 3.6 / 7.9 s with it. At batch 2 of 224x224 the 'base' step went from 5.6 to 6.5 s
 (+15%); with real batch sizes the conv work grows and the term does not.
 """
+import logging
 import math
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -193,7 +194,8 @@ class EquivalentKernelL2Loss(nn.Module):
 
 @MODELS.register_module(name='EquivalentKernelL2')
 def with_equivalent_kernel_l2(model: Union[ConfigType, nn.Module], weight: float = 1e-4,
-                              loss_name: str = 'loss_eq_l2') -> nn.Module:
+                              loss_name: str = 'loss_eq_l2',
+                              data_preprocessor: Optional[ConfigType] = None) -> nn.Module:
     """Build ``model`` and add the equivalent-kernel L2 to its losses (registered as
     ``'mmreparam.EquivalentKernelL2'``).
 
@@ -209,15 +211,30 @@ def with_equivalent_kernel_l2(model: Union[ConfigType, nn.Module], weight: float
     of mmdet / mmseg / mmpretrain work as without it, and its losses gain ``loss_name``. The
     inner config is built in the current default scope (``default_scope`` of the config).
 
+    mmengine's Runner adds the config's top-level ``data_preprocessor`` (which every
+    mmseg and mmpretrain config has) to the model dict it builds, here the wrapper's: it is
+    passed on to the inner model config as the Runner would have, unless that config has
+    its own (``setdefault``).
+
     Args:
         model (dict | nn.Module): The model, or its config.
         weight (float): Coefficient of the term; 0 turns it off. Defaults to 1e-4.
         loss_name (str): Key of the term in the losses. Defaults to ``'loss_eq_l2'``.
+        data_preprocessor (dict, optional): The data preprocessor for the inner model
+            config (see above). Ignored, with a warning, when ``model`` is already built.
+            Defaults to None.
 
     Returns:
         nn.Module: The model, with the term attached.
     """
     regularizer = EquivalentKernelL2Loss(weight, loss_name)
     if not isinstance(model, nn.Module):
+        model = dict(model)
+        if data_preprocessor is not None:
+            model.setdefault('data_preprocessor', data_preprocessor)
         model = MODELS.build(model)
+    elif data_preprocessor is not None:
+        print_log(f'mmreparam: EquivalentKernelL2 got a data_preprocessor and a built '
+                  f'{type(model).__name__}: the model keeps its own', logger='current',
+                  level=logging.WARNING)
     return regularizer.attach(model)

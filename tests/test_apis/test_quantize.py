@@ -239,3 +239,54 @@ def test_tool_refuses_bad_input(det, tmp_path, capsys, args, message):
     assert len(err) == 1 and err[0].startswith('tools/quantize.py: error: ') \
         and message in err[0], err
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('available, asked, expected', [
+    (16, (None, None), (12, 4)),  # the demo's val set
+    (100, (None, None), (32, 8)),
+    (40, (None, None), (32, 8)),
+    (6, (None, None), (5, 1)),
+    (2, (None, None), (1, 1)),
+    (16, (4, None), (4, 8)),
+    (16, (14, None), (14, 2)),
+    (16, (None, 6), (10, 6)),
+    (16, (10, 6), (10, 6)),
+])
+def test_image_numbers_fit_the_data_unless_given(available, asked, expected):
+    from mmreparam.apis.quantize import split_images
+    assert split_images(available, *asked) == expected
+
+
+@pytest.mark.parametrize('available, asked', [(1, (None, None)), (6, (5, 2)),
+                                              (16, (16, None)), (16, (None, 16))])
+def test_image_numbers_that_do_not_fit_name_the_options(available, asked):
+    from mmreparam.apis.quantize import split_images
+    with pytest.raises(ValueError, match=f'data set has {available} images, fewer than .*'
+                       '--calib / --eval'):
+        split_images(available, *asked)
+
+
+def test_tool_without_calib_and_eval_fits_the_data_and_warns(det, tmp_path, capsys):
+    """``tools/quantize.py CONFIG CKPT OUT_DIR`` as the README shows it, on a data set
+    smaller than the default 32 + 8 images (it used to fail)."""
+    import logging
+
+    from mmengine.logging import MMLogger
+    cfg, ckpt = det
+    out = tmp_path / 'int8'
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        status = quantize_tool().main([str(cfg), str(ckpt), str(out), '--no-metric',
+                                       '--latency-runs', '1'])
+    finally:
+        logger.removeHandler(handler)
+    assert status == 0, capsys.readouterr().err
+    report = json.loads((out / 'report.json').read_text())
+    assert (report['data']['calib_images'], report['data']['eval_images']) == (NUM_VAL - 1, 1)
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any(f'the val data set has {NUM_VAL} images: calibrating on {NUM_VAL - 1} and '
+               'holding back 1' in w for w in warnings), warnings

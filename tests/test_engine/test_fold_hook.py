@@ -291,7 +291,9 @@ def test_measuring_failure_is_a_warning_and_the_files_are_written(image_folder, 
     def broken(*args, **kwargs):
         raise RuntimeError('max(): Expected reduction dim to be specified (injected)')
 
-    monkeypatch.setattr(fold_hook_module, 'fold_error_on_batch', broken)
+    import importlib  # the module of the check that FoldHook and tools/fold.py share
+    monkeypatch.setattr(importlib.import_module('mmreparam.apis.fold'), 'fold_error_on_batch',
+                        broken)
     cfg = classifier_cfg(image_folder, tmp_path, hooks=[dict(type='mmreparam.FoldHook')])
     runner, records = run_training(cfg)
     warnings = records.lines(logging.WARNING)
@@ -487,3 +489,69 @@ def test_fold_tool_on_a_wrong_or_failing_fold(image_folder, tmp_path, foreign_ne
         assert 'switch_to_deploy() raised RuntimeError: switch_to_deploy is broken (injected), ' \
             'at 1 module(s): neck' in err[0]
         assert deploy_files(out) == []
+
+
+def test_test_py_warns_on_a_deploy_pair_marked_failed(image_folder, tmp_path, foreign_neck,
+                                                      capfd, monkeypatch):
+    """tools/test.py on a deploy pair whose fold check failed says so, once, in the log."""
+    import sys
+
+    from mmreparam.cli.toolbox import run_upstream_tool
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+    cfg = classifier_cfg(image_folder, tmp_path, max_iters=2,
+                         hooks=[dict(type='mmreparam.FoldHook')])
+    cfg.model.neck = dict(type=foreign_neck, on_deploy='scale')
+    run_training(cfg)
+    capfd.readouterr()
+    deploy = tmp_path / 'deploy.pth'
+    run_upstream_tool('test.py', [str(tmp_path / 'deploy_config.py'), str(deploy),
+                                  '--work-dir', str(tmp_path / 'test')])
+    out = capfd.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines()
+             if 'marked fold_check=failed' in line]
+    assert len(lines) == 1, out.out[-3000:]
+    assert 'WARNING' in lines[0] and f'{deploy} is marked fold_check=failed' in lines[0]
+    assert 'above max_rel_error=0.0001' in lines[0]
+    from mmengine.runner import Runner
+    assert Runner.load_checkpoint.__name__ == 'load_checkpoint'  # unpatched afterwards
+
+
+def test_fold_check_warning_only_for_a_failed_check():
+    from mmreparam.cli.toolbox import fold_check_warning
+    for meta in ({}, dict(fold_check=dict(status='passed')),
+                 dict(fold_check=dict(status='not measured'))):
+        assert fold_check_warning(dict(meta=meta, state_dict={}), 'x.pth') is None
+    assert fold_check_warning(None, 'x.pth') is None
+    failed = dict(fold_check=dict(status='failed', max_rel_error=1e-4, measured_on='a batch'),
+                  fold_error=dict(max_rel=0.5))
+    assert fold_check_warning(dict(meta=failed), 'x.pth').startswith(
+        'x.pth is marked fold_check=failed: when it was written, its fold error 0.5 on a '
+        'batch was above max_rel_error=0.0001')
+
+
+def test_error_lines_say_where_in_fold_hook_and_propose_a_writable_folder(image_folder,
+                                                                          tmp_path):
+    """mmengine writes an ERROR's origin: FoldHook's method, not mmengine's print_log; the
+    redo command names the work dir, not the folder that could not be written."""
+    from mmengine.logging.logger import MMFormatter
+    blocker = tmp_path / 'blocker'
+    blocker.write_text('a file where the output folder should be')
+    hook = dict(type='mmreparam.FoldHook', out_dir=str(blocker / 'deploy'))
+    runner, records = run_training(classifier_cfg(image_folder, tmp_path, hooks=[hook]))
+    error, = [r for r in records.records if r.levelno == logging.ERROR]
+    assert error.pathname == fold_hook_module.__file__ and error.funcName == '_export'
+    line = MMFormatter(color=False).format(error)
+    assert 'logger.py' not in line and ' - print_log - ' not in line
+    assert f'fold_hook.py - _export - {error.lineno} - FoldHook: export failed' in line
+    hint = error.getMessage().split('redo it with: ', 1)[1]
+    assert hint == f'python tools/fold.py CONFIG {tmp_path / "iter_4.pth"} {tmp_path}'
+
+
+def test_a_full_work_dir_is_not_proposed_again(image_folder, tmp_path, monkeypatch):
+    fail_when_writing('deploy.pth', OSError(28, 'No space left on device'), monkeypatch)
+    cfg = classifier_cfg(image_folder, tmp_path, hooks=[dict(type='mmreparam.FoldHook')])
+    runner, records = run_training(cfg)
+    error, = records.lines(logging.ERROR)
+    assert error.endswith(f'redo it with: python tools/fold.py CONFIG {tmp_path / "iter_4.pth"}'
+                          f' OUT_DIR (a folder that can be written, not {tmp_path})')

@@ -323,3 +323,73 @@ def test_runner_from_config_trains_with_the_term_and_exports(image_folder, tmp_p
     state = torch.load(tmp_path / 'deploy.pth', map_location='cpu', weights_only=True)
     deploy.load_state_dict(state['state_dict'], strict=True)
     assert equivalent_kernel_blocks(deploy) == []
+
+
+# --- Configs with a top-level data_preprocessor (every mmseg / mmpretrain config) ---------
+
+ROOT = __import__('pathlib').Path(__file__).resolve().parents[2]
+WRAP = '''_base_ = './model.py'
+model = dict(_delete_=True, type='mmreparam.EquivalentKernelL2', weight=5e-5,
+             model={{_base_.model}})
+'''
+
+
+def runner_of_wrapped(tmp_path, model_config):
+    """Runner.from_cfg of ``model_config`` wrapped as the README shows."""
+    (tmp_path / 'model.py').write_text(model_config)
+    (tmp_path / 'wrapped.py').write_text(WRAP)
+    cfg = Config.fromfile(str(tmp_path / 'wrapped.py'))
+    assert 'data_preprocessor' in cfg and 'data_preprocessor' not in cfg.model
+    cfg.work_dir = str(tmp_path / 'work')
+    return Runner.from_cfg(cfg)  # adds cfg.data_preprocessor to the wrapper's dict
+
+
+def test_runner_passes_the_top_level_data_preprocessor_through_the_wrapper(tmp_path):
+    """The demo's mmseg config: its model has its own data_preprocessor, which wins."""
+    pytest.importorskip('mmseg')
+    runner = runner_of_wrapped(tmp_path, f'''
+_base_ = '{ROOT}/configs/demo/pspnet_orepa-r50-d8_200i_synthetic.py'
+model = dict(data_preprocessor=dict(size=(96, 96)), backbone=dict(depth=18, base_channels=8),
+             decode_head=dict(in_channels=64, channels=8),
+             auxiliary_head=dict(in_channels=32, channels=8))
+''')
+    model = runner.model
+    assert type(model).__name__ == 'EncoderDecoder'
+    assert isinstance(model.equivalent_kernel_l2, EquivalentKernelL2Loss)
+    assert type(model.data_preprocessor).__name__ == 'SegDataPreProcessor'
+    assert tuple(model.data_preprocessor.size) == (96, 96)  # the model's own
+    data = model.data_preprocessor(dict(
+        inputs=[torch.randint(0, 255, (3, 96, 96), dtype=torch.uint8) for _ in range(2)],
+        data_samples=[_seg_sample(96) for _ in range(2)]), True)
+    losses = model(**data, mode='loss')
+    assert losses['loss_eq_l2'] > 0 and 'decode.loss_ce' in losses
+
+
+def _seg_sample(size):
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    sample = SegDataSample(gt_sem_seg=PixelData(data=torch.zeros(1, size, size,
+                                                                 dtype=torch.long)))
+    sample.set_metainfo(dict(img_shape=(size, size), ori_shape=(size, size),
+                             pad_shape=(size, size)))
+    return sample
+
+
+def test_runner_gives_an_mmpretrain_classifier_the_top_level_data_preprocessor(tmp_path):
+    """mmpretrain's configs put data_preprocessor at the top only: it must reach the
+    classifier (mean / std / num_classes), as it does without the wrapper."""
+    pytest.importorskip('mmpretrain')
+    runner = runner_of_wrapped(tmp_path, '''
+default_scope = 'mmpretrain'
+data_preprocessor = dict(num_classes=2, mean=[10., 20., 30.], std=[2., 3., 4.])
+model = dict(type='ImageClassifier',
+             backbone=dict(type='mmreparam.RepVGG', reparam='OREPA_VGG', out_indices=(3, ),
+                           arch=dict(num_blocks=[1, 1, 1, 1], width_factor=[0.125] * 4)),
+             neck=dict(type='GlobalAveragePooling'),
+             head=dict(type='LinearClsHead', num_classes=2, in_channels=64,
+                       loss=dict(type='CrossEntropyLoss')))
+''')
+    preprocessor = runner.model.data_preprocessor
+    assert type(preprocessor).__name__ == 'ClsDataPreprocessor'
+    assert preprocessor.mean.flatten().tolist() == [10., 20., 30.]
+    assert preprocessor.std.flatten().tolist() == [2., 3., 4.]

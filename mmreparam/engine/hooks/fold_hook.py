@@ -1,6 +1,7 @@
 """FoldHook: write the folded model and its deploy config after training."""
 import copy
 import logging
+import os
 import os.path as osp
 import shlex
 from typing import Optional
@@ -8,18 +9,24 @@ from typing import Optional
 import torch
 from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook, EMAHook, Hook
-from mmengine.logging import print_log
+from mmengine.logging import MMLogger
 from mmengine.model import is_model_wrapper
 from mmengine.runner import EpochBasedTrainLoop
 
 from ...apis.deploy import DEPLOY_CKPT, export_deploy
-from ...apis.fold import fold, fold_error_on_batch
+from ...apis.fold import check_fold, fold, fold_check_messages
 from ...registry import HOOKS
 from ...utils import describe_error
 
 
 def _log(message: str, level: int = logging.INFO) -> None:
-    print_log(f'FoldHook: {message}', logger='current', level=level)
+    """Log ``FoldHook: message`` to the current logger.
+
+    mmengine's formatter writes the place that logged an ERROR (``pathname - funcName -
+    lineno``); ``stacklevel`` makes that the FoldHook method that decided, instead of
+    mmengine's ``print_log``, through which every message would seem to come.
+    """
+    MMLogger.get_current_instance().log(level, f'FoldHook: {message}', stacklevel=2)
 
 
 @HOOKS.register_module()
@@ -94,6 +101,8 @@ class FoldHook(Hook):
 
     @staticmethod
     def _first_batch(runner, loader_names):
+        """``('a validation batch', batch)``: the first batch of the first dataloader
+        configured among ``loader_names``."""
         for name in loader_names:
             try:
                 loader = getattr(runner, name)
@@ -102,35 +111,24 @@ class FoldHook(Hook):
             if loader is not None:
                 split = dict(val='validation', train='training').get(name.split('_')[0],
                                                                     name.split('_')[0])
-                return split, next(iter(loader))
+                return f'a {split} batch', next(iter(loader))
         raise ValueError('no dataloader is configured')
 
     def _check(self, runner, model, folded, loader_names) -> dict:
-        """Measure the fold error; never raises. Returns the ``fold_check`` record."""
-        limit = self.max_rel_error
-        try:
-            split, batch = self._first_batch(runner, loader_names)
-            err = fold_error_on_batch(model, folded, batch)
-        except Exception as exc:
-            _log(f'could not measure the fold error ({describe_error(exc)}); the fold is not '
-                 'checked', logging.WARNING)
-            self.last_fold_error = None
-            return dict(status='not measured', reason=describe_error(exc), max_rel_error=limit)
-        self.last_fold_error = err
-        status = 'passed' if err['max_rel'] <= limit else 'failed'
-        what = f'a {split} batch' + ('' if err['measured_on'] == 'model outputs'
-                                     else ' (backbone)')
-        _log(f'fold error on {what}: max abs {err["max_abs"]:.3g}, max rel '
-             f'{err["max_rel"]:.3g} (limit {limit:g})')
-        if status == 'failed':
-            detail = '; '.join(err['mismatches'][:3])
-            _log(f'the fold error {err["max_rel"]:.3g} is above max_rel_error={limit:g}'
-                 + (f' ({detail})' if detail else '') + ': the folded model does not compute '
-                 'what the trained one computes', logging.ERROR)
-        return dict(status=status, max_rel_error=limit, measured_on=what)
+        """Measure the fold error (:func:`mmreparam.apis.fold.check_fold`) and log it;
+        never raises. Returns the ``fold_check`` record."""
+        record, self.last_fold_error = check_fold(
+            model, folded, lambda: self._first_batch(runner, loader_names), self.max_rel_error)
+        for level, message in fold_check_messages(record, self.last_fold_error):
+            _log(message, level)
+        return record
 
     @staticmethod
-    def _redo_hint(runner, checkpoint: Optional[str], out_dir: str) -> str:
+    def _redo_hint(runner, checkpoint: Optional[str], out_dir: str,
+                   out_dir_failed: bool = False) -> str:
+        """The ``tools/fold.py`` command that redoes the export. When writing into
+        ``out_dir`` failed, it names another folder: the work dir if that is another one and
+        can be written, else ``OUT_DIR`` to be chosen."""
         config = getattr(runner.cfg, 'filename', None) or 'CONFIG'
         if checkpoint is None:
             checkpoint = 'CHECKPOINT'
@@ -141,8 +139,16 @@ class FoldHook(Hook):
                     if osp.isfile(last):
                         with open(last) as f:
                             checkpoint = f.read().strip() or checkpoint
-        command = ' '.join(shlex.quote(str(a)) for a in (config, checkpoint, out_dir))
-        return f'redo it with: python tools/fold.py {command}'
+        note = ''
+        if out_dir_failed:
+            work_dir = runner.work_dir
+            if osp.abspath(work_dir) != osp.abspath(out_dir) and os.access(work_dir, os.W_OK):
+                out_dir = work_dir
+            else:
+                out_dir, note = 'OUT_DIR', f' (a folder that can be written, not {out_dir})'
+        command = ' '.join(shlex.quote(str(a)) for a in (config, checkpoint))
+        command += ' ' + (out_dir if out_dir == 'OUT_DIR' else shlex.quote(str(out_dir)))
+        return f'redo it with: python tools/fold.py {command}{note}'
 
     def _export(self, runner, source, ckpt_name=DEPLOY_CKPT,
                 checkpoint: Optional[str] = None) -> Optional[dict]:
@@ -161,16 +167,19 @@ class FoldHook(Hook):
                                                                  'train_dataloader'))
             else:
                 self.last_fold_error = None
-                fold_check = dict(status='not measured', reason='check_batch=False')
+                fold_check = dict(status='not measured', max_rel_error=self.max_rel_error,
+                                  reason='check_batch=False')
             self.last_fold_check = fold_check
             meta = dict(iter=runner.iter, epoch=runner.epoch, fold_error=self.last_fold_error,
                         fold_check=fold_check, experiment_name=runner.experiment_name)
             stage = f'writing {ckpt_name} to {out_dir}'
             return export_deploy(folded, runner.cfg, out_dir, meta, ckpt_name=ckpt_name)
         except Exception as exc:
+            hint = self._redo_hint(runner, checkpoint, out_dir,
+                                   out_dir_failed=stage.startswith('writing'))
             _log(f'export failed while {stage} ({describe_error(exc)}); no deploy file was '
-                 'written or changed and the training checkpoints are untouched; '
-                 f'{self._redo_hint(runner, checkpoint, out_dir)}', logging.ERROR)
+                 f'written or changed and the training checkpoints are untouched; {hint}',
+                 logging.ERROR)
         except KeyboardInterrupt:
             _log(f'export interrupted while {stage}; no deploy file was written or changed; '
                  f'{self._redo_hint(runner, checkpoint, out_dir)}', logging.ERROR)
