@@ -112,7 +112,9 @@ def convert(args) -> None:
     fold = args.deploy and cfg['type'] == 'RepMLPResNet' and fmt.folded is False
     kwargs = {k: v for k, v in cfg.items() if k != 'type'}
     model = BACKBONES[cfg['type']](**dict(kwargs, deploy=cfg['deploy'] and not fold))
-    report = load_pretrained(model, state, prefix='', allow_nonfinite=args.allow_nonfinite)
+    # read again (from the page or download cache), so that its errors name the file
+    report = load_pretrained(model, args.src, prefix=args.prefix,
+                             allow_nonfinite=args.allow_nonfinite)
     if report.partial and not args.allow_partial:
         counts = ', '.join(f'{len(keys)} {title} (e.g. {keys[0]})'
                            for title, keys in _problems(report))
