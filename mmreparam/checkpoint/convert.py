@@ -343,7 +343,10 @@ def _to_model_layout(model: nn.Module, source: StateDict, report: ConversionRepo
             report.mismatched.append(f'{key}: checkpoint holds {value.dtype}, expected a '
                                      'floating-point tensor')
         else:
-            state[key] = _fit_running_var(model, key, value, bn_eps)
+            try:
+                state[key] = _fit_running_var(model, key, value, bn_eps)
+            except CheckpointError as err:
+                raise CheckpointError(f'{where}: {err}') from err
             consumed += 1
     counted = [key for key in template if not key.endswith('num_batches_tracked')]
     report.loaded = [key for key in counted if key in state]
