@@ -2,7 +2,8 @@
 
 Importing the package registers its modules in the ``mmreparam`` registry scope and lets
 mmengine's own checkpoints reload under ``torch.load(weights_only=True)`` (see
-:mod:`mmreparam.checkpoint.safe_load`).
+:mod:`mmreparam.checkpoint.safe_load`); mmengine's ``CheckpointLoader`` then reads files,
+URLs and model-zoo names with that safe loader (:mod:`mmreparam.checkpoint.reading`).
 """
 try:
     import mmcv.cnn  # noqa: F401  (the blocks build their layers with it)
@@ -12,10 +13,11 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         'the mmcv wheel for your torch as OpenMMLab describes (e.g. `mim install mmcv`), or '
         f'mmcv-lite ({err})') from err
 
-from .checkpoint import register_safe_globals  # noqa: E402
+from .checkpoint import register_safe_globals, register_safe_loaders  # noqa: E402
 from .version import __version__  # noqa: E402
 
 register_safe_globals()
+register_safe_loaders()
 
 from . import models  # noqa: E402,F401  (registers the blocks)
 from .apis import fold, fold_error  # noqa: E402

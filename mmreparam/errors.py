@@ -1,12 +1,16 @@
 """mmreparam's exception types (the ground floor: every layer may raise them)."""
+import pickle
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read: truncated, not a checkpoint, or unexpected content."""
 
 
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint's pickle asks for code outside the allow-list; it was not loaded."""
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """A checkpoint's pickle asks for code outside the allow-list; it was not loaded.
+
+    Also a ``pickle.UnpicklingError``, what ``torch.load(weights_only=True)`` raises for it,
+    so that code catching torch's error catches this one."""
 
 
 class ExpansionError(ValueError):

@@ -9,7 +9,11 @@ mmdet, timm repvgg_* / resnet*d) into mmreparam's layout for one backbone.
         --arch RepMLP-Res50-light-224 --deploy
 
 The output is ``{'state_dict': <backbone state_dict>, 'meta': {...}}``, loadable with
-``init_cfg=dict(type='Pretrained', checkpoint=DST)`` on the same backbone. ``--reparam``
+``init_cfg=dict(type='Pretrained', checkpoint=DST)`` on the same backbone. A conversion that
+leaves a tensor of the backbone without a value, or a checkpoint tensor unused or
+mismatched, writes nothing and exits with 1 (``--allow-partial`` writes it all the same,
+the rest at the backbone's initial values); so does a checkpoint with NaN or Inf values
+(``--allow-nonfinite``). ``--reparam``
 defaults to the blocks the checkpoint was trained with (required for plain ResNets). A
 train-form RepMLP-ResNet is converted with ``--deploy`` by loading it as trained and folding
 it (the loader converts conv blocks between the forms, not RepMLP units).
@@ -46,6 +50,11 @@ def parse_args(argv=None):
                         help="keep only keys under this prefix (default: 'backbone.' if any)")
     parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
                         help='extra backbone arguments, e.g. base_channels=32')
+    parser.add_argument('--allow-partial', action='store_true',
+                        help='write DST even if some tensors are missing, unused or '
+                        'mismatched (those keep the initial values)')
+    parser.add_argument('--allow-nonfinite', action='store_true',
+                        help='convert a checkpoint with NaN or Inf values')
     return parser.parse_args(argv)
 
 
@@ -76,6 +85,24 @@ def backbone_cfg(arch: str, reparam: str, deploy: bool, extra: dict) -> dict:
     return dict(cfg, reparam=reparam, deploy=deploy, **extra)
 
 
+class PartialConversion(RuntimeError):
+    """The conversion left tensors missing, unused or mismatched (without --allow-partial)."""
+
+
+def _folded_blocks(model) -> list:
+    """Names of the outermost modules that fold (blocks, RepMLP units) and are not folded yet."""
+    names = [name for name, module in model.named_modules()
+             if getattr(module, 'folded', True) is False]
+    return [name for name in names  # the outermost ones
+            if not any(name.startswith(outer + '.') for outer in names)]
+
+
+def _problems(report) -> list:
+    return [(title, keys) for title, keys in (('mismatched', report.mismatched),
+                                              ('unused', report.unexpected),
+                                              ('missing', report.missing)) if keys]
+
+
 def convert(args) -> None:
     """Read, convert, save atomically, print a summary."""
     state, prefix = read_state_dict(args.src, args.prefix)
@@ -88,9 +115,20 @@ def convert(args) -> None:
     fold = args.deploy and cfg['type'] == 'RepMLPResNet' and fmt.folded is False
     kwargs = {k: v for k, v in cfg.items() if k != 'type'}
     model = BACKBONES[cfg['type']](**dict(kwargs, deploy=cfg['deploy'] and not fold))
-    report = load_pretrained(model, state, prefix='')
+    # read again (from the page or download cache), so that its errors name the file
+    report = load_pretrained(model, args.src, prefix=args.prefix,
+                             allow_nonfinite=args.allow_nonfinite)
+    if report.partial and not args.allow_partial:
+        counts = ', '.join(f'{len(keys)} {title} (e.g. {keys[0]})'
+                           for title, keys in _problems(report))
+        raise PartialConversion(
+            f'partial conversion, {args.dst} not written: {counts}; '
+            '--allow-partial writes it with those tensors at their initial values')
     if fold:
+        unfolded = _folded_blocks(model)
         model.switch_to_deploy()
+        report.converted_blocks += [f'{name} (folded after loading)' for name in unfolded
+                                    if name not in _folded_blocks(model)]
     out = dict(state_dict=model.state_dict(),
                meta=dict(mmreparam_version=__version__, source=os.fspath(args.src),
                          source_format=fmt.description, prefix=prefix, backbone=cfg))
@@ -98,17 +136,17 @@ def convert(args) -> None:
     print(f'format: {fmt.description}' + (f" (prefix '{prefix}')" if prefix else ''))
     print(f'backbone: {cfg}')
     print(f'converted: {report.summary()}')
-    for title, keys in (('mismatched', report.mismatched), ('unused', report.unexpected),
-                        ('missing', report.missing)):
-        for key in keys:
-            print(f'  {title}: {key}')
+    for title, keys in _problems(report):  # only with --allow-partial
+        more = f' ... ({len(keys) - 5} more)' if len(keys) > 5 else ''
+        print(f'  {title}: {", ".join(keys[:5])}{more}')
     print(f'saved {args.dst}')
 
 
 def main(argv=None) -> int:
     """Entry point; returns the exit status (1 with one ``error:`` line on bad input)."""
     return run_tool(None, convert, parse_args(argv),
-                    errors=(CheckpointError, OSError, ValueError, TypeError))
+                    errors=(CheckpointError, PartialConversion, OSError, ValueError,
+                            TypeError))
 
 
 if __name__ == '__main__':

@@ -6,12 +6,13 @@ import torch.nn as nn
 from mmengine.logging import print_log
 
 from ..checkpoint import CheckpointError, ConversionReport, convert_checkpoint
+from ..checkpoint.reading import describe_checkpoint
 
 Source = Union[nn.Module, Mapping, str, os.PathLike]
 
 
 def expand(model: nn.Module, source: Source, prefix: Optional[str] = None,
-           strict: bool = True) -> ConversionReport:
+           strict: bool = True, allow_nonfinite: bool = False) -> ConversionReport:
     """Make ``model`` compute what ``source`` computes: the counterpart of :func:`fold`.
 
     ``model`` is an mmreparam model in the form to train (e.g.
@@ -32,7 +33,8 @@ def expand(model: nn.Module, source: Source, prefix: Optional[str] = None,
         strict (bool): Raise when a tensor of ``model`` gets no value or a tensor of
             ``source`` is not used, mismatched or dropped (then the function is not carried
             over exactly; classifier heads such as torchvision's ``fc`` are dropped on
-            purpose and do not count). Defaults to True.
+            purpose and do not count, and are named in the log). Defaults to True.
+        allow_nonfinite (bool): Accept NaN / Inf values in ``source``. Defaults to False.
 
     Returns:
         ConversionReport: What was copied, folded or expanded.
@@ -42,14 +44,16 @@ def expand(model: nn.Module, source: Source, prefix: Optional[str] = None,
             every tensor found its place); ``model`` is then left unchanged.
     """
     source_state = source.state_dict() if isinstance(source, nn.Module) else source
-    state, report = convert_checkpoint(model, source_state, prefix)
+    state, report = convert_checkpoint(model, source_state, prefix, allow_nonfinite)
     if strict:
         problems = ([f'missing: {key}' for key in report.missing]
                     + [f'not used: {key}' for key in report.unexpected]
                     + [f'mismatched: {key}' for key in report.mismatched])
         if problems:
-            raise CheckpointError(f'expand into {type(model).__name__} is not exact '
-                                  f'({report.summary()}): {"; ".join(problems[:5])}')
+            where = ('source model' if isinstance(source, nn.Module) else
+                     describe_checkpoint(source))
+            raise CheckpointError(f'expand of {where} into {type(model).__name__} is not '
+                                  f'exact ({report.summary()}): {"; ".join(problems[:5])}')
     model.load_state_dict(state, strict=False)
     print_log(f'mmreparam.expand into {type(model).__name__}: {report.summary()}',
               logger='current')

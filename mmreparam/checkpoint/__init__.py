@@ -9,11 +9,11 @@
 from ..errors import CheckpointError, UnsafeCheckpointError
 from .convert import ConversionReport, convert_checkpoint, load_pretrained
 from .formats import CheckpointFormat, detect_format
-from .reading import read_state_dict
+from .reading import read_checkpoint, read_state_dict, register_safe_loaders
 from .safe_load import register_safe_globals, safe_load
 
 __all__ = [
     'CheckpointError', 'UnsafeCheckpointError', 'register_safe_globals', 'safe_load',
     'CheckpointFormat', 'ConversionReport', 'convert_checkpoint', 'detect_format',
-    'load_pretrained', 'read_state_dict'
+    'load_pretrained', 'read_checkpoint', 'read_state_dict', 'register_safe_loaders'
 ]

@@ -19,7 +19,12 @@ from .layouts import OFFICIAL_DEPLOY_CONVS, official_block_key
 SOURCE_BN_EPS = 1e-5
 
 _PLAIN_KEY = re.compile(r'^(conv1\.weight|layer\d+\.\d+\.conv\d\.weight|stem\.\d+\.weight)$')
+# Every key of a plain ResNet (torchvision / mmdet / mmpretrain), for the share of keys.
+_PLAIN_LAYOUT = re.compile(r'^((conv1|bn1|fc)\.[a-z_]+|stem\.\d+\.([a-z_]+|(conv|bn)\.[a-z_]+)|'
+                           r'layer\d+\.\d+\.((conv|bn)\d|downsample\.\d+)\.[a-z_]+)$')
+_OFFICIAL_LAYOUT = re.compile(r'^(stage\d+|linear)\.')
 _MMPRETRAIN_PARTS = {'branch_3x3', 'branch_1x1', 'branch_norm', 'branch_reparam'}
+_MMPRETRAIN_KEY_PARTS = _MMPRETRAIN_PARTS | {'se_layer'}  # every key of a block has one
 # The RepMLP units of the official RepMLP-ResNet (DingXiaoH/RepMLP ``repmlp_blocks.py``).
 _OFFICIAL_REPMLP_UNIT = re.compile(r'^stage\d+\.\d+\.(light|btnk)_repmlp\.')
 _OFFICIAL_REPMLP_KINDS = {'light': 'Light', 'btnk': 'Bottleneck'}
@@ -52,6 +57,12 @@ class CheckpointFormat:
 
 def _has(keys, *markers) -> bool:
     return any(marker in key for key in keys for marker in markers)
+
+
+def _most(keys: List[str], is_of_layout) -> bool:
+    """Whether most keys are of a layout: a few look-alike keys (a stray ``conv1.weight``
+    in an mmreparam checkpoint) must not switch the detection."""
+    return sum(bool(is_of_layout(key)) for key in keys) * 2 > len(keys)
 
 
 def _mode(train: bool, deploy: bool) -> str:
@@ -149,7 +160,7 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> CheckpointFormat:
         a RepMLP-ResNet and a RepVGG-style network.
     """
     keys = list(state_dict)
-    if any(key.startswith('stage0.') for key in keys):
+    if any(key.startswith('stage0.') for key in keys) and _most(keys, _OFFICIAL_LAYOUT.match):
         reparam, deploy = _official_reparam(keys)
         if any(key.startswith('stage0.conv1.') for key in keys):
             reparam = reparam or 'base'
@@ -172,7 +183,8 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> CheckpointFormat:
                                 f'official {name} ({_mode(train, deploy)})',
                                 'OREPA_VGG' if orepa else 'RepVGG',
                                 folded=_folded(train, deploy))
-    if any(part in _MMPRETRAIN_PARTS for key in keys for part in key.split('.')):
+    if any(part in _MMPRETRAIN_PARTS for key in keys for part in key.split('.')) and _most(
+            keys, lambda key: any(part in _MMPRETRAIN_KEY_PARTS for part in key.split('.'))):
         train = _has(keys, 'branch_3x3.')
         deploy = _has(keys, 'branch_reparam.')
         return CheckpointFormat('mmpretrain_repvgg',
@@ -181,7 +193,7 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> CheckpointFormat:
     timm = _timm_format(keys)
     if timm is not None:
         return timm
-    if any(_PLAIN_KEY.match(key) for key in keys):
+    if any(map(_PLAIN_KEY.match, keys)) and _most(keys, _PLAIN_LAYOUT.match):
         stem = ' with deep stem' if 'stem.0.weight' in state_dict else ''
         return CheckpointFormat('plain_resnet',
                                 f'plain ResNet{stem} (torchvision / mmdet / mmpretrain layout)')

@@ -74,6 +74,13 @@ def _interleaved_pw_to_natural(pw: Tensor, groups: int) -> Tensor:
     return pw[rows]
 
 
+def _expect_shape(key: str, value: Tensor, dim: int, what: str, valid: bool = True) -> None:
+    """Refuse a tensor a renamer would index: ``dim`` dimensions and ``valid`` expected."""
+    if value.dim() != dim or not valid:
+        raise CheckpointError(f'{key}: expected {what}, the checkpoint has a tensor of shape '
+                              f'{tuple(value.shape)}')
+
+
 def _official_block_params(state: StateDict, ignored: List[str],
                            interleaved_pw: bool) -> Renamed:
     """Map the official block-level names and values to mmreparam's."""
@@ -91,14 +98,25 @@ def _official_block_params(state: StateDict, ignored: List[str],
     for key in [k for k in out if k.endswith('weight_orepa_1x1_kxk_conv1')]:
         # OREPA-VGG's plain 1x1 of the 1x1-kxk branch: ours is an offset from the identity.
         conv1 = out.pop(key)
+        _expect_shape(key, conv1, 4, 'a 1x1 kernel (out, in, 1, 1)',
+                      conv1.dim() == 4 and conv1.shape[2:] == (1, 1))
         out[key[:-len('conv1')] + 'idconv1'] = conv1 - identity_kernel(
             conv1.shape[0], 1, in_channels=conv1.shape[1], dtype=conv1.dtype)
     for key in [k for k in out if k.endswith('rbr_dense.vector')]:
+        _expect_shape(key, out[key], 2, "OREPA-VGG's branch weights (6, out_channels)",
+                      out[key].dim() == 2 and out[key].shape[0] >= 5)
         out[key] = out[key][:5]  # OREPA-VGG's 6th row is never initialised nor used
     if interleaved_pw:
         for key in [k for k in out if k.endswith('weight_orepa_gconv_pw')]:
-            dw = out.get(key[:-len('pw')] + 'dw')
+            dw_key = key[:-len('pw')] + 'dw'
+            dw = out.get(dw_key)
+            _expect_shape(key, out[key], 4, 'a 1x1 kernel (out, in, 1, 1)',
+                          out[key].dim() == 4 and out[key].shape[1] > 0)
+            if dw is not None:
+                _expect_shape(dw_key, dw, 4, 'a kernel (channels, 1, k, k)')
             groups = dw.shape[0] // out[key].shape[1] if dw is not None else 1
+            _expect_shape(key, out[key], 4, f'a number of rows divisible by {groups} groups',
+                          groups <= 1 or out[key].shape[0] % groups == 0)
             if groups > 1:
                 out[key] = _interleaved_pw_to_natural(out[key], groups)
     return out, ignored

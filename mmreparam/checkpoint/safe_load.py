@@ -17,6 +17,8 @@ import _codecs
 import io
 import os
 import pickle
+import zipfile
+import zlib
 from typing import Any, Union
 
 import numpy as np
@@ -123,23 +125,63 @@ def _allow_list_pickle_module():
     return Module
 
 
-def _torch_load(source):
+def _torch_load(source, map_location='cpu'):
     if hasattr(torch.serialization, 'add_safe_globals'):
         register_safe_globals()
-        return torch.load(source, map_location='cpu', weights_only=True)
-    return torch.load(source, map_location='cpu', pickle_module=_allow_list_pickle_module())
+        return torch.load(source, map_location=map_location, weights_only=True)
+    return torch.load(source, map_location=map_location,
+                      pickle_module=_allow_list_pickle_module())
 
 
 def _source_name(source: Union[str, os.PathLike, io.IOBase]) -> str:
     return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else 'stream'
 
 
-def safe_load(source: Union[str, os.PathLike, io.IOBase]) -> Any:
+def verify_zip_crc(source: Union[str, os.PathLike, io.IOBase], name: str = 'stream') -> None:
+    """Check the CRC-32 of every member of a zip-format checkpoint (torch >= 1.6 writes one).
+
+    torch reads the members' bytes without checking their checksums, so one flipped bit in
+    a tensor's data would load silently as a wrong value. A file that is not a zip (torch's
+    legacy format) has no checksums and passes unchecked.
+
+    Args:
+        source (str | PathLike | file): The checkpoint (a seekable stream is rewound).
+        name (str): The checkpoint in words, for the message.
+
+    Raises:
+        CheckpointError: A member's data does not match its CRC-32, or the zip's own
+            structure is damaged.
+    """
+    stream = not isinstance(source, (str, os.PathLike))
+    start = source.tell() if stream else 0
+    try:
+        if not zipfile.is_zipfile(source):
+            return
+        if stream:
+            source.seek(start)
+        with zipfile.ZipFile(source) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(f'checkpoint {name} is corrupted: its zip structure is '
+                              f'damaged ({_first_sentence(err)})') from err
+    finally:
+        if stream:
+            source.seek(start)
+    if bad is not None:
+        raise CheckpointError(f'checkpoint {name} is corrupted: the data of {bad!r} does not '
+                              'match its CRC-32 checksum (damaged download or disk)')
+
+
+def safe_load(source: Union[str, os.PathLike, io.IOBase], verify_crc: bool = True,
+              map_location: Any = 'cpu') -> Any:
     """Load a checkpoint on the CPU with the ``weights_only`` unpickler (before torch 2.4:
-    an unpickler with the same allow-list).
+    an unpickler with the same allow-list), after checking its checksums.
 
     Args:
         source (str | PathLike | file): The checkpoint.
+        verify_crc (bool): Check the CRC-32 of a zip-format checkpoint's members first
+            (:func:`verify_zip_crc`; reads the file once more). Defaults to True.
+        map_location: As for ``torch.load``. Defaults to ``'cpu'``.
 
     Returns:
         The unpickled object (usually a dict).
@@ -147,7 +189,8 @@ def safe_load(source: Union[str, os.PathLike, io.IOBase]) -> Any:
     Raises:
         FileNotFoundError: The file does not exist.
         UnsafeCheckpointError: The pickle asks for a global outside the allow-list.
-        CheckpointError: The file is truncated, empty or not a PyTorch checkpoint.
+        CheckpointError: The file is truncated, corrupted, empty or not a PyTorch
+            checkpoint.
     """
     name = _source_name(source)
     if isinstance(source, (str, os.PathLike)):
@@ -157,8 +200,10 @@ def safe_load(source: Union[str, os.PathLike, io.IOBase]) -> Any:
             raise CheckpointError(f'checkpoint {name} is a directory, not a file')
         if os.path.getsize(source) == 0:
             raise CheckpointError(f'checkpoint {name} is empty')
+    if verify_crc:
+        verify_zip_crc(source, name)
     try:
-        return _torch_load(source)
+        return _torch_load(source, map_location)
     except pickle.UnpicklingError as err:
         text = str(err)
         for marker in ('Unsupported global', 'unrecognized function', 'Can only',

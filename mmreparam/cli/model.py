@@ -3,10 +3,12 @@ checkpoint loaded into it."""
 import os
 from typing import Optional
 
+import torch
 import torch.nn as nn
 from mmengine.config import Config
 
 from ..checkpoint import CheckpointError, safe_load
+from ..checkpoint.reading import check_finite
 
 
 def check_paths(config: str, checkpoint: str, out_dir: str) -> None:
@@ -43,13 +45,22 @@ def load_weights(model: nn.Module, path: str) -> None:
     """Load the checkpoint at ``path`` (safe loader) into ``model``; every key must match.
 
     Raises:
-        CheckpointError: No state_dict in the file, or keys missing / unexpected.
+        CheckpointError: No state_dict in the file, NaN or Inf values, keys missing /
+            unexpected, or tensors that do not fit.
     """
     ckpt = safe_load(path)
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f'{path!r} holds no state_dict')
-    result = model.load_state_dict(state, strict=False)
+    if not all(isinstance(key, str) and isinstance(value, torch.Tensor)
+               for key, value in state.items()):
+        raise CheckpointError(f'{path!r}: its state_dict holds entries that are not tensors')
+    check_finite(state, f'checkpoint {path!r}')
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that do not fit: torch lists them all
+        raise CheckpointError(f'{path!r} does not fit the model of the config: '
+                              f'{" ".join(str(err).split())[:300]}') from err
     if result.missing_keys or result.unexpected_keys:
         missing, unexpected = result.missing_keys, result.unexpected_keys
         raise CheckpointError(

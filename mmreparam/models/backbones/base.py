@@ -109,7 +109,8 @@ class ReparamBackbone(BaseModule):
             finally:
                 self.init_cfg = full
         from ...checkpoint import load_pretrained  # the checkpoint layer builds on models
-        load_pretrained(self, pretrained['checkpoint'], prefix=pretrained.get('prefix'))
+        load_pretrained(self, pretrained['checkpoint'], prefix=pretrained.get('prefix'),
+                        allow_nonfinite=pretrained.get('allow_nonfinite', False))
         self._is_init = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

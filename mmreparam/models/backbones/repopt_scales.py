@@ -18,6 +18,7 @@ import torch
 from mmengine.registry import Registry
 from torch import Tensor
 
+from ...errors import CheckpointError
 from .repopt_blocks import SCALE_KEYS, has_identity_branch
 
 Scales = Dict[str, Dict[str, Tensor]]
@@ -27,8 +28,9 @@ ScalesSource = Union[str, os.PathLike, Mapping]
 SCALES_LOADERS = Registry('RepOpt scales loader', scope='mmreparam')
 
 
-class ScalesError(ValueError):
-    """RepOpt scales are unreadable, malformed, or do not fit the model."""
+class ScalesError(CheckpointError, ValueError):
+    """RepOpt scales are unreadable, malformed, or do not fit the model (a
+    :class:`~mmreparam.errors.CheckpointError`, and a ValueError as before)."""
 
 
 def describe_source(source) -> str:

@@ -453,6 +453,9 @@ def factor_into_3x3(kernel: Tensor, num_factors: int, mid_channels: int) -> List
     cout, cin, k = kernel.shape[0], kernel.shape[1], kernel.shape[-1]
     if k != 2 * num_factors + 1 or num_factors < 2:
         raise ValueError(f'a {k}x{k} kernel is not a composition of {num_factors} 3x3 kernels')
+    if not bool(torch.isfinite(kernel).all()):  # lstsq would fail inside, or pass inf / NaN
+        raise ExpansionError(f'cannot factor a {k}x{k} kernel with NaN or Inf values into '
+                             '3x3 kernels')
     kernel = kernel.detach().to('cpu', torch.float64)
     count = math.ceil(k / 3)
     positions = sorted({round(i * (k - 3) / (count - 1)) for i in range(count)})
@@ -481,7 +484,7 @@ def factor_into_3x3(kernel: Tensor, num_factors: int, mid_channels: int) -> List
     target = kernel.reshape(cout, -1).T
     solution = torch.linalg.lstsq(system, target, driver='gelsd').solution
     residual = (system @ solution - target).abs().max() / target.abs().max().clamp_min(1e-300)
-    if residual > FACTOR_TOLERANCE:
+    if not (residual <= FACTOR_TOLERANCE and bool(torch.isfinite(solution).all())):
         raise ExpansionError(f'could not factor the {k}x{k} kernel into 3x3 kernels '
                              f'(relative residual {residual:.2e})')
     return fixed + [solution.T.reshape(cout, mid, 3, 3)]
