@@ -14,4 +14,9 @@ class ExpansionError(ValueError):
     is too narrow for it, or its norm layer cannot represent the affine map)."""
 
 
-__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'ExpansionError']
+class NoUpstreamForm(ValueError):
+    """A folded model has no upstream deploy form: some part has no upstream class that
+    computes its function (the message names the part and the reason)."""
+
+
+__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'ExpansionError', 'NoUpstreamForm']

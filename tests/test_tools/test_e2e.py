@@ -77,12 +77,14 @@ def check_deploy_artifacts(work, registry_scope):
 
     from mmreparam.apis.deploy import models_registry
     dcfg = Config.fromfile(str(work / 'deploy_config.py'))
-    assert dcfg.model.backbone.deploy is True
+    # the upstream model: mmdet's / mmseg's own ResNet, no mmreparam type
+    assert 'mmreparam' not in (work / 'deploy_config.py').read_text()
     init_default_scope(registry_scope)
     model = models_registry(registry_scope).build(dcfg.model)
     state = torch.load(work / 'deploy.pth', map_location='cpu', weights_only=True)
     model.load_state_dict(state['state_dict'], strict=True)
     assert state['meta']['fold_error']['max_rel'] < 1e-4
+    assert state['meta']['deploy_form'] == 'upstream'
 
 
 def test_mmdet_train_fold_test_resume(tmp_path, data):
