@@ -520,6 +520,20 @@ def _mmreparam_values(node: Any, path: str = '') -> List[str]:
     return found
 
 
+def _without_mmreparam_variables(cfg: Config) -> List[str]:
+    """Drop the config's own variables that name mmreparam (a base's ``fold_hook =
+    dict(type='mmreparam.FoldHook')``): top-level keys that mmengine's Runner does not
+    read. Returns their names."""
+    from mmengine.runner import Runner
+    runner_keys = set(inspect.signature(Runner.__init__).parameters)
+    dropped = [key for key, value in cfg.items()
+               if key not in runner_keys and key != 'custom_imports'
+               and _mmreparam_values(value)]
+    for key in dropped:
+        cfg.pop(key)
+    return dropped
+
+
 def _without_mmreparam_imports(cfg: Config) -> None:
     imports = cfg.get('custom_imports')
     if not imports:
@@ -600,6 +614,8 @@ def upstream_deploy(cfg: Config, folded: Any) -> UpstreamDeploy:
         raise NoUpstreamForm('no part of cfg.model is re-parameterizable: nothing to fold')
     deploy_cleanup(dcfg)
     _without_mmreparam_imports(dcfg)
+    parts += [f'{key}: dropped (a config variable naming mmreparam)'
+              for key in _without_mmreparam_variables(dcfg)]
     left = _mmreparam_values(dcfg._cfg_dict)
     if left:
         raise NoUpstreamForm(f'the config still names mmreparam at {", ".join(left[:3])}')

@@ -75,35 +75,45 @@ def test_every_reparam_deploys_as_mmdet_resnet(reparam):
     assert torch.equal(state['bn1.running_var'], torch.full((8, ), 1 - 1e-5, dtype=torch.float64))
 
 
-@pytest.mark.parametrize('reparam', ['OREPA', 'DBB'])
-def test_bottleneck_resnet50_as_mmdet_v1d_and_mmpretrain(reparam):
-    node = dict(type='mmreparam.ResNet', depth=50, reparam=reparam, base_channels=8,
-                deep_stem=True, avg_down=True, init_cfg=None)
+#: Two stages of a ResNet-50 (enough for the stem, a stride-2 shortcut and avg_down).
+TWO_STAGES = dict(num_stages=2, strides=(1, 2), dilations=(1, 1), out_indices=(0, 1))
+
+
+@pytest.mark.parametrize('stages', [
+    TWO_STAGES, pytest.param(dict(), marks=pytest.mark.slow)])
+def test_bottleneck_resnet50_as_mmdet_v1d_and_mmpretrain(stages):
+    node = dict(type='mmreparam.ResNet', depth=50, reparam='OREPA', base_channels=8,
+                deep_stem=True, avg_down=True, init_cfg=None, **stages)
     pair = check_upstream_pair('mmdet', node, 'ResNetV1d')
     assert 'deep_stem' not in pair.config.model and 'stem.0.weight' in pair.state_dict
     pair = check_upstream_pair('mmpretrain', node, 'ResNetV1d')
     assert 'stem.0.conv.weight' in pair.state_dict  # mmpretrain's ConvModule stem
     # ours, not mmpretrain's default (3, )
-    assert tuple(pair.config.model.out_indices) == (0, 1, 2, 3)
+    assert tuple(pair.config.model.out_indices) == stages.get('out_indices', (0, 1, 2, 3))
+
+
+THREE_STAGES = dict(num_stages=3, strides=(1, 2, 1), dilations=(1, 1, 2), out_indices=(1, 2))
 
 
 @pytest.mark.parametrize('scope,kwargs,upstream_type', [
-    ('mmdet', dict(deep_stem=True), 'ResNet'),  # mmdet has no ResNetV1c
-    ('mmdet', dict(avg_down=True, style='caffe'), 'ResNet'),
-    ('mmdet', dict(strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), out_indices=(1, 3)),
-     'ResNet'),
-    ('mmseg', dict(deep_stem=True, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
-                   contract_dilation=True, multi_grid=(1, 2, 4)), 'ResNetV1c'),
-    ('mmseg', dict(deep_stem=True, avg_down=True), 'ResNetV1d'),
-    ('mmseg', dict(), 'ResNet'),
-    ('mmpretrain', dict(deep_stem=True, out_indices=(3, ), frozen_stages=1), 'ResNetV1c'),
+    ('mmdet', dict(deep_stem=True, reparam='ACB', **TWO_STAGES), 'ResNet'),  # no V1c there
+    ('mmdet', dict(avg_down=True, style='caffe', reparam='DBB', **TWO_STAGES), 'ResNet'),
+    ('mmdet', dict(reparam='RepVGG', **THREE_STAGES), 'ResNet'),
+    ('mmseg', dict(deep_stem=True, contract_dilation=True, multi_grid=(1, 2, 4, 1, 2, 4),
+                   **THREE_STAGES), 'ResNetV1c'),
+    ('mmseg', dict(deep_stem=True, avg_down=True, reparam='ACB', **TWO_STAGES), 'ResNetV1d'),
+    ('mmseg', dict(reparam='base', **TWO_STAGES), 'ResNet'),
+    ('mmpretrain', dict(deep_stem=True, frozen_stages=1, reparam='OREPA_VGG',
+                        **dict(TWO_STAGES, out_indices=(1, ))), 'ResNetV1c'),
 ])
 def test_resnet_variants(scope, kwargs, upstream_type):
-    node = dict(type='mmreparam.ResNet', depth=50, reparam='OREPA', base_channels=8,
-                init_cfg=None, **kwargs)
+    node = dict(dict(type='mmreparam.ResNet', depth=50, reparam='OREPA', base_channels=8,
+                     init_cfg=None), **kwargs)
     written = check_upstream_pair(scope, node, upstream_type).config.model
     for key, value in kwargs.items():
-        if key in ('deep_stem', 'avg_down') and upstream_type != 'ResNet':
+        if key == 'reparam':
+            assert key not in written
+        elif key in ('deep_stem', 'avg_down') and upstream_type != 'ResNet':
             assert key not in written  # the class fixes them
         else:
             assert as_tuple(written[key]) == as_tuple(value), key
@@ -114,7 +124,7 @@ def as_tuple(value):
 
 
 def test_basicblock_resnet_as_mmpretrain():
-    node = dict(type='mmreparam.ResNet', depth=34, reparam='ACB', base_channels=8,
+    node = dict(type='mmreparam.ResNet', depth=18, reparam='ACB', base_channels=8,
                 num_stages=3, out_indices=(2, ), strides=(1, 2, 2), dilations=(1, 1, 1),
                 init_cfg=None)
     pair = check_upstream_pair('mmpretrain', node, 'ResNet')
@@ -123,12 +133,12 @@ def test_basicblock_resnet_as_mmpretrain():
 
 def test_plugins_move_to_mmdet():
     plugins = [dict(cfg=dict(type='ContextBlock', ratio=1. / 4), position='after_conv3',
-                    stages=(False, True, True, False)),
+                    stages=(False, True, True)),
                dict(cfg=dict(type='GeneralizedAttention', spatial_range=-1, num_heads=2,
                              attention_type='0010', kv_stride=2),
-                    stages=(False, False, True, False), position='after_conv2')]
+                    stages=(False, False, True), position='after_conv2')]
     node = dict(type='mmreparam.ResNet', depth=50, reparam='OREPA', base_channels=8,
-                init_cfg=None, plugins=plugins)
+                init_cfg=None, plugins=plugins, **THREE_STAGES)
     model = trained('mmdet', node)
     randomize_parameters(model, ('conv_mask.weight', 'channel_add_conv.3.weight'), seed=5)
     cfg = Config(dict(default_scope='mmdet', model=node))
@@ -164,7 +174,7 @@ def test_dcn_stages_move_to_mmdet():
 def test_resnext_as_mmdet_resnext():
     # mmdet's ResNeXt width is planes * base_width / base_channels * groups, ours uses 64
     # for base_channels: the same widths at base_channels=64.
-    node = dict(type='mmreparam.ResNet', depth=50, reparam='DBB', groups=4, base_width=8,
+    node = dict(type='mmreparam.ResNet', depth=50, reparam='ACB', groups=4, base_width=8,
                 num_stages=2, strides=(1, 2), dilations=(1, 1), out_indices=(0, 1),
                 init_cfg=None)
     pair = check_upstream_pair('mmdet', node, 'ResNeXt')
