@@ -46,9 +46,10 @@ TOOLBOXES = ('mmdet', 'mmseg', 'mmpretrain')
 CHECK_TOLERANCE = 1e-10
 
 #: mmreparam types that are renamed to an upstream type with the same state and the same
-#: eval-mode function (``mmreparam.SyncBN`` is torch's SyncBatchNorm that also trains on
-#: CPU; mmcv's ``SyncBN`` is torch's own).
-RENAMED_TYPES = {'SyncBN': 'SyncBN'}
+#: eval-mode function: ``mmreparam.SyncBN`` (a SyncBatchNorm that also trains on CPU) becomes
+#: a plain ``BN``, which is what inference needs (torch's ``SyncBN`` refuses CPU modules
+#: under DDP, e.g. in ``tools/dist_test.sh`` on CPU).
+RENAMED_TYPES = {'SyncBN': 'BN'}
 
 _MMREPARAM_NAME = re.compile(r'^mmreparam(\.|$)')
 
@@ -251,9 +252,11 @@ class _Mapper:
                                  'and an affine BatchNorm with running statistics')
         folded = block.reparam_conv
         geometry = ('kernel_size', 'stride', 'padding', 'dilation', 'groups')
-        if any(getattr(conv, g) != getattr(folded, g) for g in geometry):
-            raise NoUpstreamForm(f'{self.what}: the upstream conv of {name} has another '
-                                 'kernel size, stride, padding, dilation or groups')
+        differ = [f'{g} {getattr(folded, g)} here, {getattr(conv, g)} upstream'
+                  for g in geometry if getattr(conv, g) != getattr(folded, g)]
+        if differ:
+            raise NoUpstreamForm(f'{self.what}: the upstream class has another conv at {name} '
+                                 f'({", ".join(differ)})')
         self._copy(conv.weight, folded.weight, f'{name} kernel')
         bias = folded.bias
         if conv.bias is not None:  # the conv carries the bias, the BN is the identity
@@ -556,7 +559,7 @@ def upstream_deploy(cfg: Config, folded: Any) -> UpstreamDeploy:
     :data:`UPSTREAM_CONVERTERS` (``mmreparam.ResNet`` -> the config toolbox's ResNet
     family, ``mmreparam.RepVGG`` -> mmpretrain's ``RepVGG(deploy=True)``,
     ``mmreparam.Reparameterized`` -> its ``module``); ``mmreparam.SyncBN`` becomes
-    ``SyncBN``; other re-parameterizable upstream parts get ``deploy=True`` as in
+    ``BN``; other re-parameterizable upstream parts get ``deploy=True`` as in
     :func:`~mmreparam.apis.deploy_config`. A part's weights are those under its config
     path (``backbone.`` for ``cfg.model.backbone``).
 

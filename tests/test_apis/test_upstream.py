@@ -221,6 +221,10 @@ def test_repvgg_with_se_keeps_mmreparams_form():
                    multi_grid=(1, 2, 4)), 'no argument multi_grid'),
     ('mmpretrain', dict(type='mmreparam.RepMLPResNet', arch='light', base_channels=8),
      'has no upstream class'),
+    # mmdet's / mmseg's BasicBlock does not dilate its second conv; ours does
+    ('mmseg', dict(type='mmreparam.ResNet', depth=18, base_channels=8, strides=(1, 2, 1, 1),
+                   dilations=(1, 1, 2, 4)),
+     r'another conv at layer3.0.conv2 \(padding .*, dilation \(2, 2\) here, \(1, 1\) upstream'),
 ])
 def test_parts_without_an_upstream_class(scope, node, match):
     if 'dcn' in node:
@@ -264,7 +268,8 @@ def test_reparameterized_becomes_its_module():
 
 
 def test_syncbn_and_the_rest_of_the_config():
-    """mmreparam.SyncBN becomes mmcv's SyncBN (the same eval-mode BN); other imports stay."""
+    """mmreparam.SyncBN becomes BN (the same state and eval-mode function); other imports
+    stay."""
     norm_cfg = dict(type='mmreparam.SyncBN', requires_grad=True)
     backbone = dict(type='mmreparam.ResNet', depth=18, reparam='OREPA', base_channels=8,
                     out_indices=(3, ), norm_cfg=norm_cfg,
@@ -276,7 +281,7 @@ def test_syncbn_and_the_rest_of_the_config():
     randomize_bn(model).eval()
     folded = mmreparam.fold(model)
     pair = upstream_deploy(cfg, folded)
-    assert pair.config.model.backbone.norm_cfg == dict(type='SyncBN', requires_grad=True)
+    assert pair.config.model.backbone.norm_cfg == dict(type='BN', requires_grad=True)
     assert 'init_cfg' not in pair.config.model.backbone
     assert pair.config.custom_imports.imports == ['os.path']
     upstream = evaluated(build('mmpretrain', pair.config.model))
