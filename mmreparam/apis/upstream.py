@@ -98,12 +98,11 @@ def _type_key(type_name: Any) -> str:
 def _toolbox_of(cfg: Config) -> Optional[str]:
     """The config's toolbox: its ``default_scope``, else the scope of ``model.type``."""
     scope = cfg.get('default_scope')
-    if scope:
-        return scope
-    model_type = cfg.model.get('type') if isinstance(cfg.get('model'), dict) else None
-    if isinstance(model_type, str) and '.' in model_type:
-        return model_type.split('.', 1)[0]
-    return None
+    if not scope:
+        model_type = cfg.model.get('type') if isinstance(cfg.get('model'), dict) else None
+        if isinstance(model_type, str) and '.' in model_type:
+            scope = model_type.split('.', 1)[0]
+    return None if not scope or _MMREPARAM_NAME.match(scope) else scope
 
 
 def _registry(toolbox: str):
@@ -310,12 +309,12 @@ def _upstream_args(ours_cls: type, node: dict, up_cls: type, what: str,
         given = name in node
         value = node[name] if given else param.default
         if name not in up_params:
-            if name in neutral and _same(value, neutral[name]) or value is inspect._empty:
+            if name in neutral and _same(value, neutral[name]) or value is inspect.Parameter.empty:
                 continue
             raise NoUpstreamForm(f'{what}: {up_cls.__module__.split(".")[0]}.'
                                  f'{up_cls.__name__} has no argument {name} (here {value!r})')
         up_default = up_params[name].default
-        if given or up_default is inspect._empty or not _same(value, up_default):
+        if given or up_default is inspect.Parameter.empty or not _same(value, up_default):
             args[name] = copy.deepcopy(value)
     return args
 

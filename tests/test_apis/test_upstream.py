@@ -313,3 +313,16 @@ def test_deploy_form_option():
     assert deploy_pair(folded, cfg)['form'] == 'upstream'
     with pytest.raises(ValueError, match='deploy_form'):
         deploy_pair(folded, cfg, 'onnx')
+
+
+def test_a_config_without_a_scope_gets_mmdets_resnet():
+    node = dict(type='mmreparam.ResNet', depth=18, reparam='ACB', base_channels=8,
+                init_cfg=None)
+    folded = mmreparam.fold(trained('mmdet', node))
+    pair = upstream_deploy(Config(dict(model=node)), folded)
+    assert pair.config.model.type == 'mmdet.ResNet'
+    upstream = evaluated(build(None, pair.config.model))
+    upstream.load_state_dict(pair.state_dict, strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(folded(x), upstream(x)) <= 1e-5
