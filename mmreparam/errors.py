@@ -23,4 +23,10 @@ class ForeignFoldError(RuntimeError):
     module was left unfolded; the message names the module paths and the foreign errors."""
 
 
-__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'ExpansionError', 'ForeignFoldError']
+class NoUpstreamForm(ValueError):
+    """A folded model has no upstream deploy form: some part has no upstream class that
+    computes its function (the message names the part and the reason)."""
+
+
+__all__ = ['CheckpointError', 'UnsafeCheckpointError', 'ExpansionError', 'ForeignFoldError',
+           'NoUpstreamForm']

@@ -1,8 +1,11 @@
 """Fold a trained model offline: ``python tools/fold.py CONFIG CHECKPOINT OUT_DIR``.
 
-Writes ``OUT_DIR/deploy.pth`` (folded weights) and ``OUT_DIR/deploy_config.py`` (the config
-with ``deploy=True`` backbones), exactly as :class:`mmreparam.FoldHook` does after training,
-and reports the fold error. The deploy pair runs with the unmodified upstream test tools:
+Writes ``OUT_DIR/deploy.pth`` (folded weights) and ``OUT_DIR/deploy_config.py``, exactly as
+:class:`mmreparam.FoldHook` does after training, and reports the fold error. The pair is the
+upstream model (mmdet's / mmseg's / mmpretrain's classes, no mmreparam type) where every
+mmreparam part has an upstream class, else the config with ``deploy=True`` backbones
+(``--deploy-form mmreparam`` always writes that one). The deploy pair runs with the
+unmodified upstream test tools:
 ``python tools/test.py OUT_DIR/deploy_config.py OUT_DIR/deploy.pth``.
 """
 import argparse
@@ -30,6 +33,12 @@ def parse_args(argv=None):
     parser.add_argument('--max-rel-error', type=float, default=1e-4,
                         help='largest relative fold error accepted (default: 1e-4); above '
                         'it the files are written and the tool exits with 1')
+    parser.add_argument('--deploy-form', choices=('upstream', 'mmreparam'),
+                        default='upstream',
+                        help="'upstream' (default): write the upstream model's config and "
+                        'weights (no mmreparam type) where every mmreparam part has an '
+                        "upstream class, else mmreparam's form; 'mmreparam': always "
+                        "mmreparam's form (deploy=True backbones)")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, key=value (as in the upstream tools)')
     return parser.parse_args(argv)
@@ -76,13 +85,17 @@ def run(args):
     params_folded = sum(p.numel() for p in folded.parameters())
     paths = export_deploy(folded, cfg, args.out_dir,
                           meta=dict(source=os.path.abspath(args.checkpoint), fold_error=err,
-                                    fold_check=fold_check))
+                                    fold_check=fold_check),
+                          deploy_form=args.deploy_form)
     print(f'folded in {seconds:.2f} s: {params / 1e6:.2f}M -> {params_folded / 1e6:.2f}M '
           'parameters')
     for _, message in fold_check_messages(fold_check, err)[:1]:  # the failure: below
         note = fold_check.get('reason') if err is not None else None
         print(message + (f' ({note})' if note else ''))
-    print('wrote ' + ' and '.join(p for p in (paths['checkpoint'], paths['config']) if p))
+    print('wrote ' + ' and '.join(p for p in (paths['checkpoint'], paths['config']) if p)
+          + (' as the upstream model, which runs without mmreparam' if paths['form'] ==
+             'upstream' else " in mmreparam's form, which needs mmreparam to run")
+          + f' ({paths["why"]})')
     if args.onnx:
         export_backbone_onnx(folded, args.out_dir, args.shape)
     if fold_check['status'] == 'failed':

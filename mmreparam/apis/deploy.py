@@ -79,10 +79,17 @@ def deploy_config(cfg: Config) -> Config:
         ValueError: Nothing in ``cfg.model`` takes ``deploy``.
     """
     cfg = copy.deepcopy(cfg)
-    model = cfg.model
-    count = _set_deploy(model, models_registry(cfg.get('default_scope')))
+    count = _set_deploy(cfg.model, models_registry(cfg.get('default_scope')))
     if count == 0:
         raise ValueError('no part of cfg.model takes a deploy argument: nothing to fold')
+    deploy_cleanup(cfg)
+    return cfg
+
+
+def deploy_cleanup(cfg: Config) -> None:
+    """What every deploy config changes outside the model's parts, in place: no model-level
+    ``pretrained`` (mmseg), no ``load_from`` / ``resume``, no :class:`FoldHook`."""
+    model = cfg.model
     if isinstance(model, dict) and model.get('pretrained') is not None:
         model['pretrained'] = None
     cfg.load_from = None
@@ -90,33 +97,86 @@ def deploy_config(cfg: Config) -> Config:
     hooks = cfg.get('custom_hooks') or []
     cfg.custom_hooks = [h for h in hooks
                         if not str(h.get('type', '')).endswith('FoldHook')]
-    return cfg
+
+
+#: The forms of the deploy pair: ``'upstream'`` (the upstream toolbox's classes, where every
+#: mmreparam part has one; else mmreparam's form) and ``'mmreparam'`` (always ours).
+DEPLOY_FORMS = ('upstream', 'mmreparam')
+
+
+def check_deploy_form(deploy_form: str) -> str:
+    """Return ``deploy_form`` if it is one of :data:`DEPLOY_FORMS`, else raise ValueError."""
+    if deploy_form not in DEPLOY_FORMS:
+        raise ValueError(f'deploy_form must be one of {DEPLOY_FORMS}, got {deploy_form!r}')
+    return deploy_form
+
+
+def deploy_pair(folded: torch.nn.Module, cfg: Config, deploy_form: str = 'upstream') -> dict:
+    """The deploy config and state_dict to write, in the form asked for where possible.
+
+    With ``deploy_form='upstream'`` the pair is the upstream model's
+    (:func:`~mmreparam.apis.upstream.upstream_deploy`) when every mmreparam part has an
+    upstream class; otherwise, and with ``'mmreparam'``, it is mmreparam's form
+    (:func:`deploy_config` and the folded state_dict), which needs mmreparam to run.
+
+    Returns:
+        dict: ``config`` (None without a model dict), ``state_dict``, ``form`` (the form
+        chosen), ``why`` (one line: what was rewritten, or why mmreparam's form).
+    """
+    from .upstream import NoUpstreamForm, upstream_deploy
+    check_deploy_form(deploy_form)
+    state = {k: v.detach().cpu() for k, v in folded.state_dict().items()}
+    has_model_cfg = cfg is not None and isinstance(cfg.get('model'), dict)
+    if not has_model_cfg:
+        return dict(config=None, state_dict=state, form='mmreparam',
+                    why='the config has no model dict (a Runner built from a model object)')
+    if deploy_form == 'mmreparam':
+        return dict(config=deploy_config(cfg), state_dict=state, form='mmreparam',
+                    why="deploy_form='mmreparam'")
+    try:
+        pair = upstream_deploy(cfg, state)
+    except NoUpstreamForm as exc:
+        why = f'no upstream form: {exc}'
+    except Exception as exc:  # the export must not fail for the upstream form's sake
+        why = f'the upstream form failed ({type(exc).__name__}: {exc})'
+        print_log(f'mmreparam: {why}', logger='current', level=logging.WARNING)
+    else:
+        return dict(config=pair.config, state_dict=pair.state_dict, form='upstream',
+                    why='; '.join(pair.parts) or 'no mmreparam part')
+    return dict(config=deploy_config(cfg), state_dict=state, form='mmreparam', why=why)
 
 
 def export_deploy(folded: torch.nn.Module, cfg: Config, out_dir: str,
                   meta: Optional[dict] = None, ckpt_name: str = DEPLOY_CKPT,
-                  config_name: str = DEPLOY_CONFIG) -> dict:
+                  config_name: str = DEPLOY_CONFIG, deploy_form: str = 'upstream') -> dict:
     """Write ``deploy.pth`` (folded weights) and ``deploy_config.py`` into ``out_dir``.
 
     Both files are written as one (:func:`~mmreparam.fileio.atomic_write_files`): after a
-    failure, neither is replaced and no partial file is left.
+    failure, neither is replaced and no partial file is left. The pair is the upstream
+    model's where every mmreparam part has an upstream class, else mmreparam's form (see
+    :func:`deploy_pair`); the log line and ``meta['deploy_form']`` /
+    ``meta['deploy_form_why']`` say which, and why.
 
     Args:
         folded (nn.Module): The folded model.
-        cfg (Config): The training config (converted with :func:`deploy_config`).
+        cfg (Config): The training config.
         out_dir (str): Output directory (created if needed).
         meta (dict, optional): Stored under ``meta`` in the checkpoint.
+        deploy_form (str): ``'upstream'`` or ``'mmreparam'`` (see :func:`deploy_pair`).
+            Defaults to ``'upstream'``.
 
     Returns:
         dict: ``checkpoint`` and ``config``, the written paths (``config`` is None when
-        ``cfg`` has no ``model`` dict, e.g. a Runner built from a model object).
+        ``cfg`` has no ``model`` dict, e.g. a Runner built from a model object), ``form``
+        and ``why``.
     """
-    has_model_cfg = cfg is not None and isinstance(cfg.get('model'), dict)
-    dcfg = deploy_config(cfg) if has_model_cfg else None
+    pair = deploy_pair(folded, cfg, deploy_form)
+    dcfg = pair['config']
     ckpt_path = os.path.join(out_dir, ckpt_name)
-    cfg_path = os.path.join(out_dir, config_name) if has_model_cfg else None
-    state = {k: v.detach().cpu() for k, v in folded.state_dict().items()}
-    ckpt = dict(state_dict=state, meta=dict(meta or {}, deploy=True))
+    cfg_path = os.path.join(out_dir, config_name) if dcfg is not None else None
+    ckpt = dict(state_dict=pair['state_dict'],
+                meta=dict(meta or {}, deploy=True, deploy_form=pair['form'],
+                          deploy_form_why=pair['why']))
     writers = {ckpt_path: lambda tmp: torch.save(ckpt, tmp)}
     if dcfg is not None:
         writers[cfg_path] = dcfg.dump
@@ -125,10 +185,15 @@ def export_deploy(folded: torch.nn.Module, cfg: Config, out_dir: str,
         print_log(f'mmreparam: wrote {ckpt_path}; no deploy config, since the config has no '
                   'model dict (a Runner built from a model object)', logger='current',
                   level=logging.WARNING)
+    elif pair['form'] == 'upstream':
+        print_log(f'mmreparam: wrote {ckpt_path} and {cfg_path} as the upstream model, which '
+                  f'runs without mmreparam ({pair["why"]})', logger='current')
     else:
-        print_log(f'mmreparam: wrote {ckpt_path} and {cfg_path}', logger='current')
-    return dict(checkpoint=ckpt_path, config=cfg_path)
+        print_log(f'mmreparam: wrote {ckpt_path} and {cfg_path} in mmreparam\'s form, which '
+                  f'needs mmreparam to run ({pair["why"]})', logger='current')
+    return dict(checkpoint=ckpt_path, config=cfg_path, form=pair['form'], why=pair['why'])
 
 
-__all__ = ['atomic_write', 'save_checkpoint_atomic', 'deploy_config',
-           'export_deploy', 'models_registry']
+__all__ = ['atomic_write', 'save_checkpoint_atomic', 'deploy_config', 'deploy_cleanup',
+           'deploy_pair', 'export_deploy', 'models_registry', 'DEPLOY_FORMS',
+           'check_deploy_form']

@@ -85,15 +85,17 @@ def test_fold_hook_exports_ema_weights_and_leaves_training_intact(image_folder, 
     assert any('weight_orepa_origin' in k for k in live.state_dict())
     assert not any('reparam_conv' in k for k in live.state_dict())
 
-    # deploy_config.py builds a deploy=True model that loads deploy.pth strictly ...
+    # deploy_config.py is the upstream model (mmpretrain's ResNet, no mmreparam type) and
+    # loads deploy.pth strictly ...
     dcfg = Config.fromfile(str(tmp_path / 'deploy_config.py'))
-    assert dcfg.model.backbone.deploy is True
+    assert dcfg.model.backbone.type == 'ResNet' and 'mmreparam' not in dcfg.pretty_text
     assert not any(str(h['type']).endswith('FoldHook') for h in dcfg.custom_hooks)
     from mmpretrain.registry import MODELS
     deploy = MODELS.build(dcfg.model)
     ckpt = torch.load(tmp_path / 'deploy.pth', map_location='cpu', weights_only=True)
     deploy.load_state_dict(ckpt['state_dict'], strict=True)
     assert ckpt['meta']['fold_error']['max_rel'] < 1e-5
+    assert ckpt['meta']['deploy_form'] == 'upstream'
     # ... and computes what the last checkpoint (EMA weights) computes.
     trained = MODELS.build(runner.cfg.model)
     state = torch.load(tmp_path / 'iter_4.pth', map_location='cpu')['state_dict']
@@ -174,6 +176,20 @@ def test_every_checkpoint_exports_each_saved_checkpoint(image_folder, tmp_path):
         assert torch.allclose(predictions(trained, image_folder),
                               predictions(deploy, image_folder), rtol=1e-4, atol=1e-5)
     assert (tmp_path / 'deploy.pth').exists()  # and the final export after training
+
+
+def test_deploy_form_mmreparam_keeps_mmreparams_form(image_folder, tmp_path):
+    hook = dict(type='mmreparam.FoldHook', deploy_form='mmreparam', check_batch=False)
+    cfg = classifier_cfg(image_folder, tmp_path, max_iters=2, hooks=[hook])
+    runner, records = run_training(cfg)
+    dcfg = Config.fromfile(str(tmp_path / 'deploy_config.py'))
+    assert dcfg.model.backbone.type == 'mmreparam.ResNet' and dcfg.model.backbone.deploy
+    meta = torch.load(tmp_path / 'deploy.pth', weights_only=True)['meta']
+    assert meta['deploy_form'] == 'mmreparam'
+    assert any("in mmreparam's form, which needs mmreparam to run (deploy_form='mmreparam')"
+               in r.getMessage() for r in records.records)
+    with pytest.raises(ValueError, match='deploy_form'):
+        mmreparam.FoldHook(deploy_form='onnx')
 
 
 def test_fold_hook_with_a_runner_built_from_objects(image_folder, tmp_path):

@@ -71,18 +71,21 @@ def tool(name, *args, cwd=ROOT):
     return proc.stdout + proc.stderr
 
 
-def check_deploy_artifacts(work, registry_scope):
+def check_deploy_artifacts(work, registry_scope, form='upstream'):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
     from mmreparam.apis.deploy import models_registry
     dcfg = Config.fromfile(str(work / 'deploy_config.py'))
-    assert dcfg.model.backbone.deploy is True
+    # the upstream model: mmdet's / mmseg's own ResNet, no mmreparam type
+    assert ('mmreparam' not in (work / 'deploy_config.py').read_text()) == (form == 'upstream')
     init_default_scope(registry_scope)
     model = models_registry(registry_scope).build(dcfg.model)
     state = torch.load(work / 'deploy.pth', map_location='cpu', weights_only=True)
     model.load_state_dict(state['state_dict'], strict=True)
     assert state['meta']['fold_error']['max_rel'] < 1e-4
+    assert state['meta']['deploy_form'] == form
+    return state['meta']
 
 
 def test_mmdet_train_fold_test_resume(tmp_path, data):
@@ -128,7 +131,10 @@ def test_mmseg_train_fold_test(tmp_path, data):
     cfg.write_text(SEG_CFG.format(root=ROOT, data=data))
     work = tmp_path / 'work'
     tool('train.py', cfg, '--work-dir', work)
-    check_deploy_artifacts(work, 'mmseg')
+    # A dilated ResNet-18 has no upstream class: mmseg's BasicBlock does not dilate its
+    # second conv (ours does), so the pair is written in mmreparam's form, saying why.
+    meta = check_deploy_artifacts(work, 'mmseg', form='mmreparam')
+    assert 'another conv at layer3.1.conv2 (padding (2, 2) here' in meta['deploy_form_why']
     for name, (c, k) in dict(train=(cfg, work / 'iter_2.pth'),
                              deploy=(work / 'deploy_config.py', work / 'deploy.pth')).items():
         tool('test.py', c, k, '--work-dir', tmp_path / name, '--out', tmp_path / f'{name}_out',

@@ -13,7 +13,7 @@ from mmengine.logging import MMLogger
 from mmengine.model import is_model_wrapper
 from mmengine.runner import EpochBasedTrainLoop
 
-from ...apis.deploy import DEPLOY_CKPT, export_deploy
+from ...apis.deploy import DEPLOY_CKPT, check_deploy_form, export_deploy
 from ...apis.fold import check_fold, fold, fold_check_messages
 from ...registry import HOOKS
 from ...utils import describe_error
@@ -34,10 +34,13 @@ class FoldHook(Hook):
     """Fold the trained model and write its deploy artifacts into the work dir.
 
     After training (and optionally after every checkpoint) it writes ``deploy.pth`` (the
-    folded weights) and ``deploy_config.py`` (the training config with ``deploy=True`` on
-    every re-parameterizable backbone), measures the fold error on one real batch of the
-    validation data (train-time vs folded outputs, eval mode) and logs it. The weights
-    exported are those the checkpoints hold: the EMA weights when an ``EMAHook`` runs.
+    folded weights) and ``deploy_config.py``: the upstream model (mmdet's / mmseg's /
+    mmpretrain's classes, see :func:`mmreparam.apis.upstream_deploy`) where every mmreparam
+    part has an upstream class, else the training config with ``deploy=True`` on every
+    re-parameterizable backbone (see ``deploy_form``). It measures the fold error on one
+    real batch of the validation data (train-time vs folded outputs, eval mode) and logs
+    it. The weights exported are those the checkpoints hold: the EMA weights when an
+    ``EMAHook`` runs.
 
     The live model is never modified: the fold works on a deep copy, so ``EMAHook``,
     ``--resume`` and further training are unaffected. Only rank 0 writes, atomically.
@@ -71,14 +74,23 @@ class FoldHook(Hook):
             over the largest absolute output, see :func:`mmreparam.fold_error`) accepted as
             exact. A correct fold stays near 1e-6 in float32; TF32 is turned off for the
             check. Defaults to 1e-4.
+        deploy_form (str): ``'upstream'``: write the deploy pair as the upstream model
+            (mmdet's / mmseg's / mmpretrain's own classes, no mmreparam type, so it runs
+            and exports with mmdeploy where mmreparam is not installed) whenever every
+            mmreparam part has an upstream class computing the same function, else in
+            mmreparam's form; ``'mmreparam'``: always mmreparam's form (``deploy=True``
+            backbones). The log says which form was written and why (also in
+            ``deploy.pth``'s meta, ``deploy_form`` / ``deploy_form_why``). Defaults to
+            ``'upstream'``.
     """
     priority = 'VERY_LOW'  # after CheckpointHook and EMAHook
 
     def __init__(self, fold_for_test: bool = False, every_checkpoint: bool = False,
                  check_batch: bool = True, out_dir: Optional[str] = None,
-                 max_rel_error: float = 1e-4):
+                 max_rel_error: float = 1e-4, deploy_form: str = 'upstream'):
         if not max_rel_error > 0:
             raise ValueError(f'FoldHook: max_rel_error must be positive, got {max_rel_error!r}')
+        self.deploy_form = check_deploy_form(deploy_form)
         self.fold_for_test = fold_for_test
         self.every_checkpoint = every_checkpoint
         self.check_batch = check_batch
@@ -173,7 +185,8 @@ class FoldHook(Hook):
             meta = dict(iter=runner.iter, epoch=runner.epoch, fold_error=self.last_fold_error,
                         fold_check=fold_check, experiment_name=runner.experiment_name)
             stage = f'writing {ckpt_name} to {out_dir}'
-            return export_deploy(folded, runner.cfg, out_dir, meta, ckpt_name=ckpt_name)
+            return export_deploy(folded, runner.cfg, out_dir, meta, ckpt_name=ckpt_name,
+                                 deploy_form=self.deploy_form)
         except Exception as exc:
             hint = self._redo_hint(runner, checkpoint, out_dir,
                                    out_dir_failed=stage.startswith('writing'))
