@@ -11,6 +11,7 @@ from mmengine.logging import print_log
 from torch import Tensor
 
 from ..models.layers.base import fold_tree, foreign_fold_problem
+from .upstream import restore_upstream
 
 
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -19,7 +20,10 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     Folds mmreparam's blocks (every :class:`ReparamBlock`, and :class:`RepMLPBlock` into its
     FCs: the ``Foldable`` protocol) and other libraries' modules that
     expose ``switch_to_deploy()`` (mmpretrain, mmyolo) or ``reparameterize()`` (timm), in any
-    model: a backbone, a detector, a segmentor or a classifier. The fold uses the eval-mode
+    model: a backbone, a detector, a segmentor or a classifier. The blocks that
+    :func:`mmreparam.reparameterize` put into a model become the original conv and BN again
+    (upstream classes and state_dict keys; see
+    :func:`~mmreparam.apis.upstream.restore_upstream`). The fold uses the eval-mode
     function of the BatchNorms; each module's train/eval flag is restored afterwards.
 
     Args:
@@ -44,6 +48,7 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     model.eval()
     with torch.no_grad():
         count = fold_tree(model)
+        restore_upstream(model)  # blocks put in by reparameterize(): upstream classes back
     for m in model.modules():
         m.training = modes.get(m, False)
     print_log(f'mmreparam.fold: folded {count} module(s) of {type(model).__name__}',
