@@ -86,14 +86,18 @@ def _reference_tensor(module: nn.Module) -> Tensor:
     return tensor if tensor is not None else torch.zeros(())
 
 
-def example_inputs(module: nn.Module, size: int = 64) -> Tuple[Any, ...]:
-    """Example positional inputs of a backbone or a neck, from its structure.
+def example_inputs(module: nn.Module, size: int = 64) -> List[Tuple[Any, ...]]:
+    """Candidate example inputs of a backbone or a neck, from its structure.
 
     A module whose ``in_channels`` is a list (a neck: FPN, PAFPN, ...) gets one feature map
     per entry, as one tuple argument, from ``max(2, size // 32)`` pixels for the last up to
     twice that for each level before. Another (a backbone) gets a ``size x size`` image
-    batch of one with ``in_channels`` channels (an int attribute, else those of its first
-    convolution). Device and dtype follow the module's parameters.
+    batch of one with the input channels of its first convolution, or its ``in_channels``
+    (an int attribute; some backbones keep another meaning under that name, hence both
+    candidates). Device and dtype follow the module's parameters.
+
+    Returns:
+        list[tuple]: Positional arguments to try, in turn.
     """
     ref = _reference_tensor(module)
     like = dict(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
@@ -103,28 +107,29 @@ def example_inputs(module: nn.Module, size: int = 64) -> Tuple[Any, ...]:
         smallest = max(2, size // 32)
         count = len(in_channels)
         sizes = [smallest * 2**(count - 1 - i) for i in range(count)]
-        return (tuple(torch.randn(1, c, s, s, **like) for c, s in zip(in_channels, sizes)), )
-    if not isinstance(in_channels, int):
-        conv = _first_conv(module)
-        if conv is None:
-            raise ValueError(f'{type(module).__name__} has no nn.Conv2d: nothing to '
-                             're-parameterize')
-        in_channels = conv.in_channels
-    return (torch.randn(1, in_channels, size, size, **like), )
+        return [(tuple(torch.randn(1, c, s, s, **like) for c, s in zip(in_channels, sizes)), )]
+    conv = _first_conv(module)
+    if conv is None:
+        raise ValueError(f'{type(module).__name__} has no nn.Conv2d: nothing to '
+                         're-parameterize')
+    channels = [conv.in_channels]
+    if isinstance(in_channels, int) and in_channels not in channels:
+        channels.append(in_channels)
+    return [(torch.randn(1, c, size, size, **like), ) for c in channels]
 
 
 def _search(module: nn.Module, inputs, sizes: Sequence[int]):
-    """The pairs, and the inputs they were found with (the first of ``sizes`` that runs)."""
+    """The pairs, and the inputs they were found with (the first candidate that runs)."""
     if inputs is not None:
         inputs = inputs if isinstance(inputs, (tuple, list, dict)) else (inputs, )
         return find_conv_bn_pairs(module, inputs), inputs
     errors = []
     for size in sizes:
-        inputs = example_inputs(module, size)
-        try:
-            return find_conv_bn_pairs(module, inputs), inputs
-        except Exception as err:  # noqa: BLE001 - another size may run; all fail below
-            errors.append(f'{size}px: {type(err).__name__}: {err}')
+        for inputs in example_inputs(module, size):
+            try:
+                return find_conv_bn_pairs(module, inputs), inputs
+            except Exception as err:  # noqa: BLE001 - another input may run; all fail below
+                errors.append(f'{size}px: {type(err).__name__}: {err}')
     raise ValueError(f'could not run {type(module).__name__} on an example input to follow '
                      f'its data ({"; ".join(errors)}); pass example_inputs=')
 

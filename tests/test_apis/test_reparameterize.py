@@ -23,7 +23,7 @@ BACKBONES = {
     'mmpretrain-mobilenetv2': dict(type='mmpretrain.MobileNetV2', widen_factor=0.25,
                                    out_indices=(2, 4, 7)),
     'mmdet-regnet': dict(type='mmdet.RegNet', arch=dict(w0=8, wa=8.0, wm=2.0, group_w=8,
-                                                         depth=4, bot_mul=1.0),
+                                                         depth=6, bot_mul=1.0),
                          out_indices=(0, 1, 2, 3)),
 }
 
@@ -72,13 +72,19 @@ def eligible_pairs(model, reparam, x):
     return [p for p in pairs if takes(reparam, model.get_submodule(p.conv))]
 
 
-@pytest.fixture(scope='module', params=sorted(BACKBONES))
-def backbone_cfg(request):
-    return BACKBONES[request.param]
+#: Each block type on one backbone in the default suite; the whole matrix is ``slow``.
+DEFAULT_CASES = {('mmdet-resnet18', 'OREPA'), ('mmdet-cspnext', 'DBB'),
+                 ('mmpretrain-mobilenetv2', 'ACB'), ('mmdet-regnet', 'RepVGG')}
+CASES = [
+    pytest.param(name, reparam, id=f'{name}-{reparam}',
+                 marks=() if (name, reparam) in DEFAULT_CASES else pytest.mark.slow)
+    for name in sorted(BACKBONES) for reparam in REPARAMS
+]
 
 
-@pytest.mark.parametrize('reparam', REPARAMS)
-def test_upstream_backbone_expand_fold_exact(backbone_cfg, reparam):
+@pytest.mark.parametrize('backbone, reparam', CASES)
+def test_upstream_backbone_expand_fold_exact(backbone, reparam):
+    backbone_cfg = BACKBONES[backbone]
     torch.manual_seed(0)
     model = evaluated(randomize_bn(build(backbone_cfg), seed=1))
     x = torch.randn(1, 3, 32, 32)

@@ -2,6 +2,7 @@
 (no custom_imports), upstream checkpoints load and expand exactly, and the fold gives the
 model that upstream_config() builds."""
 import copy
+import importlib
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,21 @@ def test_registered_without_custom_imports():
     with pytest.raises(ValueError, match='choose one of'):
         build(dict(type='mmreparam.Reparameterized', reparam='nope',
                    module=dict(type='ResNet', depth=18)))
+
+
+@pytest.mark.parametrize('scope, module', [
+    ('mmseg', dict(type='BiSeNetV2', detail_channels=(8, 8, 32), semantic_channels=(8, 8, 16, 32),
+                   semantic_expansion_ratio=2, bga_channels=32, out_indices=(0, 1, 2, 3, 4))),
+    ('mmpretrain', dict(type='MobileNetV2', widen_factor=0.25)),
+])
+def test_mmseg_and_mmpretrain_registries(scope, module):
+    pytest.importorskip(scope)
+    from mmengine.registry import init_default_scope
+    init_default_scope(scope)
+    registry = importlib.import_module(f'{scope}.registry').MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        model = registry.build(dict(type='mmreparam.Reparameterized', reparam='ACB',
+                                    module=module))
+    assert type(model).__name__ == module['type']
+    assert model.reparam_report.converted
+    assert any(isinstance(m, ReparamBlock) for m in model.modules())
