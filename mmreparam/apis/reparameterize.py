@@ -92,9 +92,10 @@ def example_inputs(module: nn.Module, size: int = 64) -> List[Tuple[Any, ...]]:
     A module whose ``in_channels`` is a list (a neck: FPN, PAFPN, ...) gets one feature map
     per entry, as one tuple argument, from ``max(2, size // 32)`` pixels for the last up to
     twice that for each level before. Another (a backbone) gets a ``size x size`` image
-    batch of one with the input channels of its first convolution, or its ``in_channels``
-    (an int attribute; some backbones keep another meaning under that name, hence both
-    candidates). Device and dtype follow the module's parameters.
+    batch of one with the input channels of its first convolution, its ``in_channels`` (an
+    int attribute; some backbones keep another meaning under that name), or 3 (a first
+    convolution may see a transformed image, as after YOLOX's Focus). Device and dtype
+    follow the module's parameters.
 
     Returns:
         list[tuple]: Positional arguments to try, in turn.
@@ -113,8 +114,9 @@ def example_inputs(module: nn.Module, size: int = 64) -> List[Tuple[Any, ...]]:
         raise ValueError(f'{type(module).__name__} has no nn.Conv2d: nothing to '
                          're-parameterize')
     channels = [conv.in_channels]
-    if isinstance(in_channels, int) and in_channels not in channels:
-        channels.append(in_channels)
+    for more in (in_channels, 3):  # 3: an RGB image, when the first conv sees another input
+        if isinstance(more, int) and more not in channels:
+            channels.append(more)
     return [(torch.randn(1, c, size, size, **like), ) for c in channels]
 
 

@@ -73,8 +73,8 @@ def eligible_pairs(model, reparam, x):
 
 
 #: Each block type on one backbone in the default suite; the whole matrix is ``slow``.
-DEFAULT_CASES = {('mmdet-resnet18', 'OREPA'), ('mmdet-cspnext', 'DBB'),
-                 ('mmpretrain-mobilenetv2', 'ACB'), ('mmdet-regnet', 'RepVGG')}
+DEFAULT_CASES = {('mmdet-resnet18', 'OREPA'), ('mmdet-cspnext', 'DBB'), ('mmdet-regnet', 'ACB'),
+                 ('mmdet-resnet18', 'RepVGG')}
 CASES = [
     pytest.param(name, reparam, id=f'{name}-{reparam}',
                  marks=() if (name, reparam) in DEFAULT_CASES else pytest.mark.slow)
@@ -210,6 +210,10 @@ def test_upstream_state_dict_loads_and_expands():
     assert not missing and not unexpected
     x = torch.randn(1, 3, 64, 64)
     assert max_rel((trained_upstream, x), (evaluated(rep), x)) <= 1e-5
+    # A deep copy (as EMA and fold make) keeps the expansion on load.
+    ema = copy.deepcopy(mmreparam.reparameterize(build(cfg), 'OREPA'))
+    ema.load_state_dict(trained_upstream.state_dict(), strict=True)
+    assert max_rel((trained_upstream, x), (evaluated(ema), x)) <= 1e-5
     # Its own state_dict (block keys) loads back strictly too (resume).
     again = mmreparam.reparameterize(build(cfg), 'OREPA')
     again.load_state_dict(rep.state_dict(), strict=True)
