@@ -225,4 +225,31 @@ def _pair_problem(tracer: _Tracer, conv: nn.Conv2d, norm: _BatchNorm,
     return _conv_problem(conv) or _norm_problem(norm, conv)
 
 
-__all__ = ['ConvBNPair', 'find_conv_bn_pairs', 'call_module']
+def convmodule_pairs(module: nn.Module) -> List[ConvBNPair]:
+    """The conv -> BN pairs that mmcv's ``ConvModule`` s in ``module`` hold by
+    construction (``order`` has ``'norm'`` right after ``'conv'``): the pairs of a module
+    that cannot be run on an example input. Without a forward pass nothing else is known,
+    so the pairs are only as sure as the ``ConvModule`` 's own forward."""
+    try:
+        from mmcv.cnn import ConvModule
+    except ImportError:  # pragma: no cover - mmcv is a dependency
+        return []
+    pairs = []
+    for name, m in module.named_modules():
+        if not isinstance(m, ConvModule) or not m.with_norm or any(
+                is_mmreparam(p) and isinstance(p, Foldable) for p in (m.conv, m.norm)):
+            continue
+        order = list(m.order)
+        if order.index('norm') != order.index('conv') + 1 or not isinstance(m.norm, _BatchNorm):
+            continue
+        prefix = f'{name}.' if name else ''
+        problem = None
+        if isinstance(m.conv, nn.Conv2d):
+            problem = _conv_problem(m.conv) or _norm_problem(m.norm, m.conv)
+        else:
+            problem = f'{type(m.conv).__name__} is not an nn.Conv2d'
+        pairs.append(ConvBNPair(f'{prefix}conv', f'{prefix}{m.norm_name}', problem))
+    return pairs
+
+
+__all__ = ['ConvBNPair', 'find_conv_bn_pairs', 'convmodule_pairs', 'call_module']

@@ -9,6 +9,7 @@ gives the upstream model back (:func:`~mmreparam.apis.upstream.restore_upstream`
 :func:`upstream_config` its config.
 """
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -25,7 +26,7 @@ from ..models.layers.factory import REPARAM_TYPES, ReparamCfg, parse_reparam, re
 from ..models.layers.fuse import Affine
 from ..registry import MODELS
 from .fold import fold_error
-from .pairs import ConvBNPair, find_conv_bn_pairs
+from .pairs import ConvBNPair, convmodule_pairs, find_conv_bn_pairs
 from .upstream import install_pair
 
 #: The largest relative difference the check accepts between the input module and the
@@ -213,6 +214,16 @@ def _check_function(module: nn.Module, result: nn.Module, inputs) -> float:
     return err['max_rel']
 
 
+def _check_pair(module: nn.Module, result: nn.Module, pair: ConvBNPair) -> float:
+    """:func:`_check_function` for one pair (the block against the conv and BN), on a
+    random ``9x9`` input."""
+    conv = module.get_submodule(pair.conv)
+    plain = nn.Sequential(conv, module.get_submodule(pair.norm))
+    x = torch.randn(1, conv.in_channels, 9, 9, device=conv.weight.device,
+                    dtype=conv.weight.dtype)
+    return _check_function(plain, result.get_submodule(pair.conv), (x, ))
+
+
 def reparameterize(module: nn.Module,
                    reparam: ReparamCfg = 'OREPA',
                    *,
@@ -237,7 +248,9 @@ def reparameterize(module: nn.Module,
 
     The result is checked by execution before it is returned: it must compute the input
     module's eval-mode function (in float64, on copies); otherwise this raises and
-    ``module`` is unchanged.
+    ``module`` is unchanged. A module that runs on no example input (a neck whose inputs
+    its structure does not tell) falls back to the pairs mmcv's ``ConvModule`` s hold by
+    construction, each checked on its own (a warning says so).
 
     Args:
         module (nn.Module): A backbone, a neck or any CNN.
@@ -261,7 +274,15 @@ def reparameterize(module: nn.Module,
         RuntimeError: The result does not compute the module's function.
     """
     name, block_args = parse_reparam(reparam)
-    pairs, inputs = _search(module, example_inputs, input_sizes)
+    try:
+        pairs, inputs = _search(module, example_inputs, input_sizes)
+    except ValueError as err:
+        pairs, inputs = convmodule_pairs(module), None
+        if example_inputs is not None or not pairs:
+            raise
+        print_log(f'mmreparam.reparameterize: {err}; taking the conv -> BN pairs of its '
+                  f'{len(pairs)} ConvModule(s) from their structure, checked pair by pair',
+                  logger='current', level=logging.WARNING)
     report = ReparamReport(type(module).__name__, name)
     plan: List[Tuple[ConvBNPair, type]] = []
     for pair in pairs:
@@ -293,7 +314,10 @@ def reparameterize(module: nn.Module,
     if not built:
         raise ValueError(f'no block of {name} could be expanded in {type(module).__name__}: '
                          f'{report.summary()}')
-    report.max_rel_error = _check_function(module, result, inputs)
+    if inputs is None:
+        report.max_rel_error = max(_check_pair(module, result, pair) for pair, _ in built)
+    else:
+        report.max_rel_error = _check_function(module, result, inputs)
     if inplace:
         for pair, block in built:
             install_pair(module, pair.conv, pair.norm, block, module.get_submodule(pair.conv),

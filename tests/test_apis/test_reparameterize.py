@@ -287,3 +287,28 @@ def test_upstream_config():
     assert up == dict(type='RetinaNet', backbone=dict(type='ResNet', depth=18),
                       neck=[dict(type='FPN', in_channels=[1])])
     assert cfg['backbone']['type'] == 'mmreparam.Reparameterized'  # not changed
+
+
+class TwoInputNeck(nn.Module):
+    """A module whose inputs its structure does not tell: pairs from its ConvModules."""
+
+    def __init__(self):
+        super().__init__()
+        from mmcv.cnn import ConvModule
+        bn = dict(type='BN')
+        self.lateral = ConvModule(4, 8, 3, padding=1, norm_cfg=bn)
+        self.out = ConvModule(8, 8, 1, norm_cfg=bn, act_cfg=None)
+
+    def forward(self, x, scale):
+        return self.out(self.lateral(x) * scale)
+
+
+def test_convmodule_structure_when_no_example_input_runs():
+    torch.manual_seed(0)
+    model = randomize_bn(TwoInputNeck()).eval()
+    rep = mmreparam.reparameterize(model, 'OREPA')
+    assert [c for c, _, _ in rep.reparam_report.converted] == ['lateral.conv', 'out.conv']
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        ref, out = model(x, 0.5), evaluated(rep)(x, 0.5)
+    assert ((ref - out).abs().max() / ref.abs().max()).item() <= 1e-5
