@@ -312,3 +312,30 @@ def test_convmodule_structure_when_no_example_input_runs():
     with torch.no_grad():
         ref, out = model(x, 0.5), evaluated(rep)(x, 0.5)
     assert ((ref - out).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_block_types_declare_what_they_replace():
+    from mmreparam.models.layers import ACB, DBB, ConvBN, OREPA1x1, OREPALargeConv
+    assert OREPA1x1.replacement_problem(nn.Conv2d(4, 4, 1, groups=2)) \
+        == 'OREPA1x1 does not support groups > 1 (groups=2)'
+    assert 'padding = dilation' in DBB.replacement_problem(nn.Conv2d(4, 4, 3, padding=0))
+    assert DBB.replacement_problem(nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4)) is None
+    assert 'both axes' in ACB.replacement_problem(nn.Conv2d(4, 4, (1, 3), padding=(0, 1)))
+    assert 'padding_mode' in ACB.replacement_problem(
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'))
+    assert 'odd kernel_size >= 5' in OREPALargeConv.replacement_problem(nn.Conv2d(4, 4, 3))
+    assert ConvBN.replacement_problem(nn.Conv2d(4, 4, 2, stride=2)) is None
+
+
+@pytest.mark.parametrize('reparam', ['QARepVGG', 'OREPA_VGG', 'base'])
+def test_other_reparam_names(reparam):
+    torch.manual_seed(0)
+    model = randomize_bn(TimmStyle()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    rep = mmreparam.reparameterize(model, reparam)
+    assert len(rep.reparam_report.converted) == 2
+    assert max_rel((model, x), (evaluated(rep), x)) <= 1e-5
+    folded = mmreparam.fold(rep)
+    fresh = TimmStyle().eval()
+    fresh.load_state_dict(folded.state_dict(), strict=True)
+    assert max_rel((rep, x), (fresh, x)) <= 1e-5
