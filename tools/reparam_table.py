@@ -15,7 +15,8 @@ type, :func:`mmreparam.reparameterize` and :func:`mmreparam.fold` are run and me
 - step x: CPU time of one training step (forward and backward, batch 2) of the
   re-parameterized model over that of the plain one (median of ``--steps``).
 
-The table goes to stdout and, with ``--out``, to a Markdown file (written atomically).
+The table goes to stdout and, with ``--out``, to a Markdown file (rewritten atomically after
+each row).
 ``--backbones`` and ``--reparams`` choose rows; ``--size`` is the input size.
 """
 import argparse
@@ -162,6 +163,19 @@ def format_row(name, reparam, row):
             f'| {row["load"]:.1e} | {row["params"]} | {row["step"]:.2f} | {row["reasons"]} |')
 
 
+def write_table(path, lines, args):
+    """Write the table so far (atomically: a reader sees the old or the new file)."""
+    text = (f'CPU, input {args.size}x{args.size}, batch 2, torch {torch.__version__}: '
+            f'`python tools/reparam_table.py --size {args.size} --steps {args.steps}`\n\n'
+            + '\n'.join(lines) + '\n')
+
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
 def main(argv=None):
     args = parse_args(argv)
     lines = [HEADER]
@@ -174,16 +188,8 @@ def main(argv=None):
                 row = dict(error=f'{type(err).__name__}: {str(err)[:200]}')
             lines.append(format_row(name, reparam, row))
             print(lines[-1], flush=True)
-    if args.out:
-        text = (f'CPU, input {args.size}x{args.size}, batch 2, torch {torch.__version__}: '
-                f'`python tools/reparam_table.py --size {args.size} --steps {args.steps}`\n\n'
-                + '\n'.join(lines) + '\n')
-
-        def write(path):
-            with open(path, 'w') as f:
-                f.write(text)
-
-        atomic_write(args.out, write)
+            if args.out:  # after each row: a long run leaves what it measured
+                write_table(args.out, lines, args)
     return 0
 
 
