@@ -20,11 +20,12 @@ register_safe_globals()
 register_safe_loaders()
 
 from . import models  # noqa: E402,F401  (registers the blocks)
-from .apis import fold, fold_error  # noqa: E402
+from .apis import fold, fold_error, reparameterize, upstream_config  # noqa: E402
 from .apis.expand import expand  # noqa: E402
 from .engine import FoldHook, RepOptimizerConstructor  # noqa: E402
 from .models import RepMLPResNet, RepOptVGG, RepVGG, ResNet  # noqa: E402
 from .registry import HOOKS, MODELS  # noqa: E402
 
-__all__ = ['__version__', 'fold', 'expand', 'fold_error', 'FoldHook', 'RepOptimizerConstructor',
-           'ResNet', 'RepVGG', 'RepMLPResNet', 'RepOptVGG', 'MODELS', 'HOOKS']
+__all__ = ['__version__', 'fold', 'expand', 'fold_error', 'reparameterize', 'upstream_config',
+           'FoldHook', 'RepOptimizerConstructor', 'ResNet', 'RepVGG', 'RepMLPResNet',
+           'RepOptVGG', 'MODELS', 'HOOKS']

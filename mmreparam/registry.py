@@ -11,7 +11,7 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPP
 from mmengine.registry import Registry
 
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mmreparam',
-                  locations=['mmreparam.models'])
+                  locations=['mmreparam.models', 'mmreparam.apis.reparameterize'])
 HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmreparam',
                  locations=['mmreparam.engine'])
 OPTIM_WRAPPER_CONSTRUCTORS = Registry('optimizer wrapper constructor',

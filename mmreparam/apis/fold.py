@@ -14,6 +14,7 @@ from ..errors import ForeignFoldError
 from ..models.layers.base import FoldFailure, describe_failures, fold_module
 from ..models.layers.foreign import foreign_fold_problem
 from ..utils import describe_error
+from .surgery import restore_upstream
 
 
 def fold(model: nn.Module, inplace: bool = False, strict: bool = False) -> nn.Module:
@@ -30,7 +31,10 @@ def fold(model: nn.Module, inplace: bool = False, strict: bool = False) -> nn.Mo
     restored afterwards (a module that replaced another takes its parent's).
 
     A foreign method that raises leaves its module as it was; fold then logs one WARNING
-    naming the module paths and the errors (``strict=True`` raises instead).
+    naming the module paths and the errors (``strict=True`` raises instead). The blocks
+    that :func:`mmreparam.reparameterize` put into a model become the original conv and BN
+    again (upstream classes and state_dict keys; see
+    :func:`~mmreparam.apis.surgery.restore_upstream`).
 
     Args:
         model (nn.Module): The model.
@@ -76,6 +80,7 @@ def _fold_copy(model: nn.Module, strict: bool) -> nn.Module:
     failures: List[FoldFailure] = []
     with torch.no_grad():
         folded, count = fold_module(model, '', failures)
+        restore_upstream(folded)  # blocks put in by reparameterize(): upstream classes back
     _restore_modes(folded, modes, modes[model])
     if failures and strict:
         raise ForeignFoldError(f'{len(failures)} module(s) of {type(model).__name__} cannot be '

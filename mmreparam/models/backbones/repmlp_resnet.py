@@ -144,8 +144,9 @@ class RepMLPResNet(ResidualBackbone):
             block's default (1 for ``'partition'``, 4 for ``'channel'``).
         pad_input (bool): Zero-pad RepMLP inputs to multiples of the partition (not with
             ``'partition'``). Defaults to False.
-        reparam (str): Block type of the convolutions ('base', 'ACB', 'DBB', 'OREPA',
-            'RepVGG', 'OREPA_VGG'; see :class:`mmreparam.ResNet`). Defaults to 'base'.
+        reparam (str | dict): Block type of the convolutions ('base', 'ACB', 'DBB', 'OREPA',
+            'RepVGG', 'OREPA_VGG', or a dict with block arguments; see
+            :class:`mmreparam.ResNet`). Defaults to 'base'.
         in_channels (int): Input channels. Defaults to 3.
         base_channels (int): Width of the stem and the first stage's ``planes``.
             Defaults to 64.
@@ -174,7 +175,7 @@ class RepMLPResNet(ResidualBackbone):
                  global_perceptron: Optional[str] = 'partition',
                  gp_reduction: Union[None, int, Sequence[int]] = None,
                  pad_input: bool = False,
-                 reparam: str = 'base',
+                 reparam: Union[str, dict] = 'base',
                  in_channels: int = 3,
                  base_channels: int = 64,
                  strides: Sequence[int] = (1, 2, 2, 2),

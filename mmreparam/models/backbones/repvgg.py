@@ -17,7 +17,7 @@ from torch import Tensor
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from ..layers import RepVGGBlock
-from ..layers.factory import REPARAM_TYPES
+from ..layers.factory import REPARAM_TYPES, parse_reparam
 from .base import ReparamBackbone
 
 _GROUPED_LAYERS = tuple(range(2, 27, 2))  # the official "optional_groupwise_layers"
@@ -192,8 +192,9 @@ class RepVGG(ReparamBackbone):
             - **stem_channels** (int, optional): The stem width is
               ``min(stem_channels, int(base_channels * width_factor[0]))``; 64 if unset.
 
-        reparam (str): 'RepVGG', 'QARepVGG' or 'OREPA_VGG' (the ``reparam`` values whose
-            block is a RepVGG block). Defaults to 'RepVGG'.
+        reparam (str | dict): 'RepVGG', 'QARepVGG' or 'OREPA_VGG' (the ``reparam`` values
+            whose block is a RepVGG block), or a dict with that ``type`` and arguments of its
+            block (``dict(type='RepVGG', use_se=True)``). Defaults to 'RepVGG'.
         in_channels (int): Input channels. Defaults to 3.
         base_channels (int): Width before the width factors. Defaults to 64.
         out_indices (int | Sequence[int]): Stages whose outputs are returned; negative
@@ -239,7 +240,7 @@ class RepVGG(ReparamBackbone):
 
     def __init__(self,
                  arch: Union[str, dict] = 'A0',
-                 reparam: str = 'RepVGG',
+                 reparam: Union[str, dict] = 'RepVGG',
                  in_channels: int = 3,
                  base_channels: int = 64,
                  out_indices: Union[int, Sequence[int]] = (3, ),
@@ -259,8 +260,9 @@ class RepVGG(ReparamBackbone):
                  ]):
         super().__init__(init_cfg)
         arch = self._check_arch(arch)
-        if reparam not in self.block_types:
-            raise ValueError(f'unknown reparam {reparam!r} for RepVGG; choose one of '
+        name, block_args = parse_reparam(reparam)
+        if name not in self.block_types:
+            raise ValueError(f'unknown reparam {name!r} for RepVGG; choose one of '
                              f'{sorted(self.block_types)}')
         num_stages = len(arch['num_blocks'])
         if len(strides) != num_stages or len(dilations) != num_stages:
@@ -284,13 +286,13 @@ class RepVGG(ReparamBackbone):
         self.with_cp = with_cp
         self.norm_eval = norm_eval
         self._built_deploy = deploy
-        block_type = self.block_types[reparam]
+        block_type = self.block_types[name]
         group_map = arch['group_layer_map'] or {}
 
         def block(cin, cout, stride=1, dilation=1, groups=1):
             module = block_type(cin, cout, 3, stride=stride, dilation=dilation,
                                 groups=groups, norm_cfg=norm_cfg, act_cfg=act_cfg,
-                                deploy=deploy)
+                                deploy=deploy, **block_args)
             if arch['se_cfg'] is not None:
                 module.se = SELayer(cout, **arch['se_cfg'])
             return module

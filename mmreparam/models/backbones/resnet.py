@@ -1,5 +1,5 @@
 """``mmreparam.ResNet``: mmdet's ResNet / ResNeXt / ResNetV1c / V1d with re-param blocks."""
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch.nn as nn
 import torch.utils.checkpoint as cp
@@ -254,8 +254,9 @@ class ResNet(ResidualBackbone):
 
     Args:
         depth (int): 18, 34, 50, 101 or 152.
-        reparam (str): 'base', 'ACB', 'DBB', 'OREPA', 'RepVGG', 'QARepVGG' or 'OREPA_VGG'.
-            Defaults to 'OREPA'.
+        reparam (str | dict): 'base', 'ACB', 'DBB', 'OREPA', 'RepVGG', 'QARepVGG' or
+            'OREPA_VGG', or a dict with that ``type`` and arguments of its block, e.g.
+            ``dict(type='DBB', internal_channels_1x1_3x3=32)``. Defaults to 'OREPA'.
         in_channels (int): Input channels. Defaults to 3.
         stem_channels (int, optional): Stem width; None gives ``base_channels``.
         base_channels (int): Width of the first stage. Defaults to 64.
@@ -310,7 +311,7 @@ class ResNet(ResidualBackbone):
 
     def __init__(self,
                  depth: int,
-                 reparam: str = 'OREPA',
+                 reparam: Union[str, dict] = 'OREPA',
                  in_channels: int = 3,
                  stem_channels: Optional[int] = None,
                  base_channels: int = 64,

@@ -205,6 +205,43 @@ class ReparamBlock(BaseModule):
                     f'{kernel_size}x{kernel_size}')
         return None
 
+    @classmethod
+    def replacement_problem(cls, conv: nn.Conv2d) -> Optional[str]:
+        """Why a block of this type cannot take the place of ``conv`` (with the BatchNorm
+        after it); None when it can.
+
+        What a block type can replace is declared once, by the class attributes next to its
+        fold (:attr:`_min_kernel_size` / :meth:`_kernel_size_problem`,
+        :attr:`_supports_groups`, :attr:`_needs_same_padding`): this method reads them, so
+        :func:`mmreparam.reparameterize` and the block's constructor agree. The block takes
+        a square kernel, one stride, one dilation and one zero padding for both axes.
+
+        Args:
+            conv (nn.Conv2d): The convolution to replace.
+
+        Returns:
+            str | None: The reason, or None.
+        """
+        sizes = dict(kernel_size=conv.kernel_size, stride=conv.stride, dilation=conv.dilation,
+                     padding=conv.padding)
+        if isinstance(conv.padding, str):
+            return f"padding={conv.padding!r} (give it in pixels)"
+        for name, value in sizes.items():
+            if len(set(value)) != 1:
+                return f'{name}={tuple(value)} is not the same for both axes'
+        if conv.padding_mode != 'zeros':
+            return f"padding_mode={conv.padding_mode!r} (the blocks pad with zeros)"
+        k, padding, dilation = conv.kernel_size[0], conv.padding[0], conv.dilation[0]
+        problem = cls._kernel_size_problem(k)
+        if problem:
+            return f'{cls.__name__} needs {problem} (got {k}x{k})'
+        if conv.groups > 1 and not cls._supports_groups:
+            return f'{cls.__name__} does not support groups > 1 (groups={conv.groups})'
+        if cls._needs_same_padding and (k % 2 == 0 or padding != dilation * (k // 2)):
+            return (f'{cls.__name__} needs an odd kernel and padding = dilation * (k // 2) '
+                    f'(got {k}x{k}, padding={padding}, dilation={dilation})')
+        return None
+
     def _build_branches(self) -> None:
         """Build the training-time branches (the geometry is set on ``self``)."""
         raise NotImplementedError

@@ -1,5 +1,6 @@
 """Choosing a block per convolution: the official per-kernel-size rule."""
-from typing import Optional
+import inspect
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 from mmcv.cnn import build_activation_layer, build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule
@@ -33,22 +34,88 @@ def reparam_of_block_type(block_type: type) -> Optional[str]:
     return None
 
 
-def check_reparam(reparam: str) -> str:
-    """Return ``reparam`` if known, else raise a ValueError listing the choices."""
-    if reparam not in REPARAM_TYPES:
-        raise ValueError(f'unknown reparam {reparam!r}; choose one of '
-                         f'{sorted(REPARAM_TYPES)}')
-    return reparam
+#: A ``reparam=`` value: a name of :data:`REPARAM_TYPES`, or a dict with ``type`` (such a
+#: name) and arguments of that block type (``dict(type='DBB', internal_channels_1x1_3x3=8)``).
+ReparamCfg = Union[str, dict]
 
 
-def reparam_block_type(reparam: str, kernel_size: int, groups: int = 1) -> type:
+def block_arg_names(block_type: type) -> Tuple[str, ...]:
+    """The arguments a block type takes beyond :class:`ReparamBlock`'s geometry: the
+    keyword-only arguments of the ``__init__`` of each class from ``block_type`` up to (not
+    including) the base class, e.g. ``('internal_channels_1x1_3x3', )`` for DBB."""
+    names = []
+    for cls in block_type.__mro__:
+        if cls.__name__ == 'ReparamBlock':
+            break
+        init = cls.__dict__.get('__init__')
+        if init is None:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.kind is param.KEYWORD_ONLY and param.name not in names:
+                names.append(param.name)
+    return tuple(names)
+
+
+def parse_reparam(reparam: ReparamCfg) -> Tuple[str, Dict]:
+    """Split a ``reparam=`` value into the name and the block arguments, checking both.
+
+    Args:
+        reparam (str | dict): A name of :data:`REPARAM_TYPES`, or a dict with ``type`` (such
+            a name, ``'mmreparam.'`` prefix allowed) and arguments of that block type, which
+            go to every block of that type (``reparam='OREPA'``'s ``1x1`` and large-kernel
+            companions take none).
+
+    Returns:
+        tuple[str, dict]: The name and the block arguments (a new dict).
+
+    Raises:
+        ValueError: Unknown name, a dict without ``type``, or an argument the block does not
+            take (the message lists the choices).
+    """
+    if isinstance(reparam, str):
+        name, args = reparam, {}
+    elif isinstance(reparam, Mapping):
+        args = dict(reparam)
+        name = args.pop('type', None)
+        if not isinstance(name, str):
+            raise ValueError(f'a reparam dict needs type= one of {sorted(REPARAM_TYPES)}, '
+                             f'got {dict(reparam)}')
+    else:
+        raise ValueError(f'reparam must be a name ({sorted(REPARAM_TYPES)}) or a dict with '
+                         f'type= and block arguments, got {type(reparam).__name__}')
+    if name.startswith('mmreparam.'):
+        name = name[len('mmreparam.'):]
+    if name not in REPARAM_TYPES:
+        raise ValueError(f'unknown reparam {name!r}; choose one of {sorted(REPARAM_TYPES)}')
+    allowed = block_arg_names(REPARAM_TYPES[name])
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        raise ValueError(f'reparam {name!r} ({REPARAM_TYPES[name].__name__}) takes no argument '
+                         f'{unknown}; its arguments are {list(allowed) or "none"}')
+    return name, args
+
+
+def check_reparam(reparam: ReparamCfg) -> ReparamCfg:
+    """Check a ``reparam=`` value (:func:`parse_reparam`) and return it: the name when it
+    has no block arguments, else ``dict(type=name, **args)``; raise a ValueError listing the
+    choices otherwise."""
+    name, args = parse_reparam(reparam)
+    return dict(type=name, **args) if args else name
+
+
+def reparam_name(reparam: ReparamCfg) -> str:
+    """The name of a ``reparam=`` value (``'DBB'`` for ``dict(type='DBB', ...)``)."""
+    return parse_reparam(reparam)[0]
+
+
+def reparam_block_type(reparam: ReparamCfg, kernel_size: int, groups: int = 1) -> type:
     """The block class for one convolution, following the official implementations.
 
     OREPA: ``1x1`` -> :class:`OREPA1x1` (groups=1), ``k >= 7`` -> :class:`OREPALargeConv`,
     else :class:`OREPA`. DBB / ACB / RepVGG / QARepVGG / OREPA_VGG: only ``1 < k < 7``
     change; other convolutions are :class:`ConvBN`. ``base``: always :class:`ConvBN`.
     """
-    check_reparam(reparam)
+    reparam = reparam_name(reparam)
     if reparam == 'OREPA':
         if kernel_size == 1:
             return OREPA1x1 if groups == 1 else ConvBN
@@ -72,13 +139,14 @@ def is_plain_conv_cfg(conv_cfg: OptConfigType) -> bool:
     return set(conv_cfg) == {'type'} and conv_cfg['type'] in PLAIN_CONV_TYPES
 
 
-def check_conv_cfg(reparam: str, conv_cfg: OptConfigType) -> None:
+def check_conv_cfg(reparam: ReparamCfg, conv_cfg: OptConfigType) -> None:
     """Raise a ValueError if the blocks of ``reparam`` cannot honour ``conv_cfg``.
 
     ``reparam='base'`` takes any ``conv_cfg`` (:func:`build_reparam_conv` builds it with
     mmcv's ``build_conv_layer``); the re-param blocks build their own ``nn.Conv2d`` branches
     and fold them into one ``nn.Conv2d``, so they take only a plain convolution.
     """
+    reparam = reparam_name(reparam)
     if reparam != 'base' and not is_plain_conv_cfg(conv_cfg):
         raise ValueError(
             f'conv_cfg={dict(conv_cfg)} is not supported with reparam={reparam!r}: its blocks '
@@ -91,7 +159,7 @@ def is_batch_norm(norm_cfg: ConfigType, num_features: int) -> bool:
     return isinstance(build_norm_layer(norm_cfg, num_features)[1], _BatchNorm)
 
 
-def build_reparam_conv(reparam: str,
+def build_reparam_conv(reparam: ReparamCfg,
                        in_channels: int,
                        out_channels: int,
                        kernel_size: int,
@@ -109,17 +177,21 @@ def build_reparam_conv(reparam: str,
     other than a BatchNorm (GroupNorm, ...), this is a :class:`ConvNormAct` (nothing to
     fold: ``deploy`` does not change it). The re-param blocks refuse such a ``conv_cfg``
     (:func:`check_conv_cfg`) and a norm that is not a BatchNorm
-    (:func:`~mmreparam.models.layers.build_bn`).
+    (:func:`~mmreparam.models.layers.build_bn`). ``reparam`` may be a dict with block
+    arguments (:func:`parse_reparam`); they go to the blocks of its own type.
     """
+    reparam, block_args = parse_reparam(reparam)
     check_conv_cfg(reparam, conv_cfg)
     if reparam == 'base' and not (is_plain_conv_cfg(conv_cfg)
                                   and is_batch_norm(norm_cfg, out_channels)):
         return ConvNormAct(conv_cfg, in_channels, out_channels, kernel_size, stride, dilation,
                            groups, norm_cfg=norm_cfg, act_cfg=act_cfg, padding=padding)
     block = reparam_block_type(reparam, kernel_size, groups)
+    if block is not REPARAM_TYPES[reparam]:
+        block_args = {}
     return block(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                  dilation=dilation, groups=groups, norm_cfg=norm_cfg, act_cfg=act_cfg,
-                 deploy=deploy)
+                 deploy=deploy, **block_args)
 
 
 def _register_mmcv_ops(conv_cfg: ConfigType) -> None:

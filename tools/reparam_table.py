@@ -1,0 +1,197 @@
+"""Re-parameterize upstream OpenMMLab backbones: ``python tools/reparam_table.py [--out FILE]``.
+
+For each backbone (built through its toolbox's registry at its usual width) and each block
+type, :func:`mmreparam.reparameterize` and :func:`mmreparam.fold` are run and measured:
+
+- pairs: conv -> BN pairs converted / pairs the block type can take (``eligible``), and
+  how many conv -> BN pairs were found in all; why the others stay plain (``reasons``);
+- exp. err: relative output difference of the re-parameterized model against the plain one
+  (eval mode, float32, randomized BN statistics);
+- fold err: of the folded model against the re-parameterized one, after every branch was
+  switched on (randomized branch scales and BNs);
+- load err: of a fresh upstream model, into which the folded state_dict loaded with
+  ``strict=True``, against the re-parameterized one;
+- params: trainable parameters of the re-parameterized model / of the upstream model;
+- step x: CPU time of one training step (forward and backward, batch 2) of the
+  re-parameterized model over that of the plain one (median of ``--steps``).
+
+The table goes to stdout and, with ``--out``, to a Markdown file (rewritten atomically after
+each row).
+``--backbones`` and ``--reparams`` choose rows; ``--size`` is the input size.
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import torch
+from mmengine.registry import MODELS
+
+import mmreparam
+from mmreparam.fileio import atomic_write
+from mmreparam.testing import randomize_bn, randomize_parameters
+
+REPARAMS = ('OREPA', 'DBB', 'ACB', 'RepVGG')
+
+HRNET_W18 = dict(
+    stage1=dict(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(4, ),
+                num_channels=(64, )),
+    stage2=dict(num_modules=1, num_branches=2, block='BASIC', num_blocks=(4, 4),
+                num_channels=(18, 36)),
+    stage3=dict(num_modules=4, num_branches=3, block='BASIC', num_blocks=(4, 4, 4),
+                num_channels=(18, 36, 72)),
+    stage4=dict(num_modules=3, num_branches=4, block='BASIC', num_blocks=(4, 4, 4, 4),
+                num_channels=(18, 36, 72, 144)))
+
+#: name -> config of the upstream backbone (the sizes of a common model of each).
+BACKBONES = {
+    'mmdet CSPNeXt-tiny (RTMDet)': dict(type='mmdet.CSPNeXt', deepen_factor=0.167,
+                                        widen_factor=0.375),
+    'mmdet CSPDarknet-s (YOLOX)': dict(type='mmdet.CSPDarknet', deepen_factor=0.33,
+                                       widen_factor=0.5),
+    'mmdet Darknet-53 (YOLOv3)': dict(type='mmdet.Darknet', depth=53),
+    'mmdet RegNetX-400MF': dict(type='mmdet.RegNet', arch='regnetx_400mf'),
+    'mmdet HRNetV2-W18': dict(type='mmdet.HRNet', extra=HRNET_W18),
+    'mmdet ResNet-50': dict(type='mmdet.ResNet', depth=50),
+    'mmseg BiSeNetV2': dict(type='mmseg.BiSeNetV2'),
+    'mmseg Fast-SCNN': dict(type='mmseg.FastSCNN'),
+    'mmseg STDC1': dict(type='mmseg.STDCNet', stdc_type='STDCNet1', in_channels=3,
+                        channels=(32, 64, 256, 512, 1024), bottleneck_type='cat',
+                        num_convs=4, norm_cfg=dict(type='BN'), act_cfg=dict(type='ReLU'),
+                        with_final_conv=False),
+    'mmseg MobileNetV3-small': dict(type='mmseg.MobileNetV3', arch='small'),
+    'mmpretrain MobileNetV2': dict(type='mmpretrain.MobileNetV2'),
+    'mmpretrain EfficientNet-B0': dict(type='mmpretrain.EfficientNet', arch='b0'),
+    'mmpretrain ShuffleNetV2': dict(type='mmpretrain.ShuffleNetV2'),
+    'mmpretrain VGG-11-BN': dict(type='mmpretrain.VGG', depth=11, norm_cfg=dict(type='BN'),
+                                 num_classes=-1),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--backbones', nargs='+', default=list(BACKBONES),
+                        help=f'rows (default: all): {list(BACKBONES)}')
+    parser.add_argument('--reparams', nargs='+', default=list(REPARAMS), help='block types')
+    parser.add_argument('--size', type=int, default=64, help='input size (default 64)')
+    parser.add_argument('--steps', type=int, default=3, help='timed training steps')
+    parser.add_argument('--out', help='write the Markdown table here as well')
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.backbones if name not in BACKBONES]
+    if unknown:
+        parser.error(f'unknown backbone(s) {unknown}; choose from {list(BACKBONES)}')
+    return args
+
+
+def build(cfg):
+    model = MODELS.build(copy.deepcopy(cfg))
+    model.eval()
+    return model
+
+
+def outputs(model, x):
+    out = model(x)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+@torch.no_grad()
+def max_rel(a, b, x):
+    a.eval()
+    b.eval()
+    return max(((p.double() - q.double()).abs().max() / p.double().abs().max()).item()
+               for p, q in zip(outputs(a, x), outputs(b, x)))
+
+
+def step_time(model, x, steps):
+    model.train()
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        loss = sum(o.float().square().mean() for o in outputs(model, x))
+        loss.backward()
+        if i:  # the first one warms up
+            times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def reasons(report):
+    counts = {}
+    for _, reason in report.left_plain:
+        key = reason.split(' (got')[0].split(': ')[0]
+        counts[key] = counts.get(key, 0) + 1
+    return '; '.join(f'{n}x {reason}' for reason, n in counts.items())
+
+
+def measure(cfg, reparam, size, steps):
+    torch.manual_seed(0)
+    plain = randomize_bn(build(cfg), seed=1)
+    x = torch.randn(2, 3, size, size)
+    rep = mmreparam.reparameterize(plain, reparam)
+    report = rep.reparam_report
+    row = dict(pairs=f'{len(report.converted)}/{report.eligible} of '
+               f'{len(report.converted) + len(report.left_plain)}',
+               exp=max_rel(plain, rep, x))
+    plain_time = step_time(plain, x, steps)
+    rep_time = step_time(rep, x, steps)
+    randomize_parameters(rep, ('vector', 'idconv1.weight'), seed=2)
+    randomize_bn(rep, seed=3)
+    folded = mmreparam.fold(rep)
+    row['fold'] = max_rel(rep, folded, x)
+    fresh = build(cfg)
+    fresh.load_state_dict(folded.state_dict(), strict=True)
+    row.update(load=max_rel(rep, fresh, x), params=f'{params(rep) / 1e6:.2f}M / '
+               f'{params(fresh) / 1e6:.2f}M', step=rep_time / plain_time,
+               reasons=reasons(report))
+    return row
+
+
+HEADER = ('| backbone | reparam | pairs converted/eligible of found | exp. err | fold err | '
+          'load err | params train / deploy | step x | left plain |\n'
+          '|---|---|---|---|---|---|---|---|---|')
+
+
+def format_row(name, reparam, row):
+    if 'error' in row:
+        return f'| {name} | {reparam} | failed: {row["error"]} | | | | | | |'
+    return (f'| {name} | {reparam} | {row["pairs"]} | {row["exp"]:.1e} | {row["fold"]:.1e} '
+            f'| {row["load"]:.1e} | {row["params"]} | {row["step"]:.2f} | {row["reasons"]} |')
+
+
+def write_table(path, lines, args):
+    """Write the table so far (atomically: a reader sees the old or the new file)."""
+    text = (f'CPU, input {args.size}x{args.size}, batch 2, torch {torch.__version__}: '
+            f'`python tools/reparam_table.py --size {args.size} --steps {args.steps}`\n\n'
+            + '\n'.join(lines) + '\n')
+
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    lines = [HEADER]
+    print(HEADER, flush=True)
+    for name in args.backbones:
+        for reparam in args.reparams:
+            try:
+                row = measure(BACKBONES[name], reparam, args.size, args.steps)
+            except Exception as err:  # noqa: BLE001 - one failing row is a table entry
+                row = dict(error=f'{type(err).__name__}: {str(err)[:200]}')
+            lines.append(format_row(name, reparam, row))
+            print(lines[-1], flush=True)
+            if args.out:  # after each row: a long run leaves what it measured
+                write_table(args.out, lines, args)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
