@@ -69,6 +69,9 @@ def _set_deploy(node: Any, registry) -> int:
 def deploy_config(cfg: Config) -> Config:
     """The same config with ``deploy=True`` on every re-parameterizable model part.
 
+    Every ``mmreparam.Reparameterized`` part becomes its inner module's config (its fold is
+    the upstream module, with that module's state_dict keys).
+
     Every sub-config of ``cfg.model`` whose class takes a ``deploy`` argument (mmreparam's
     backbones, and other libraries' such as mmpretrain's RepVGG) gets ``deploy=True``; its
     ``Pretrained`` init is dropped (the weights come from the deploy checkpoint), as is a
@@ -78,8 +81,11 @@ def deploy_config(cfg: Config) -> Config:
     Raises:
         ValueError: Nothing in ``cfg.model`` takes ``deploy``.
     """
+    from .reparameterize import unwrap_for_deploy
     cfg = copy.deepcopy(cfg)
-    count = _set_deploy(cfg.model, models_registry(cfg.get('default_scope')))
+    # A folded mmreparam.Reparameterized part is its upstream module (same keys).
+    cfg.model, count = unwrap_for_deploy(cfg.model)
+    count += _set_deploy(cfg.model, models_registry(cfg.get('default_scope')))
     if count == 0:
         raise ValueError('no part of cfg.model takes a deploy argument: nothing to fold')
     deploy_cleanup(cfg)

@@ -25,6 +25,7 @@ from ..models.layers.branches import ConvBN
 from ..models.layers.factory import REPARAM_TYPES, ReparamCfg, parse_reparam, reparam_block_type
 from ..models.layers.fuse import Affine
 from ..registry import MODELS
+from ..utils import without_pretrained
 from .fold import fold_error
 from .pairs import ConvBNPair, convmodule_pairs, find_conv_bn_pairs
 from .surgery import install_pair
@@ -328,7 +329,8 @@ def reparameterize(module: nn.Module,
     return result
 
 
-def _is_reparameterized_type(value: Any) -> bool:
+def is_reparameterized_type(value: Any) -> bool:
+    """Whether a config's ``type`` names :func:`build_reparameterized`."""
     return value in ('mmreparam.Reparameterized', 'Reparameterized') \
         or value is build_reparameterized
 
@@ -348,7 +350,7 @@ def upstream_config(cfg: Any) -> Any:
         The same structure with the inner modules' configs in place of the wrappers.
     """
     if isinstance(cfg, Mapping):
-        if _is_reparameterized_type(cfg.get('type')):
+        if is_reparameterized_type(cfg.get('type')):
             if 'module' not in cfg:
                 raise ValueError(f'a mmreparam.Reparameterized config needs module=: {cfg}')
             return upstream_config(cfg['module'])
@@ -357,6 +359,35 @@ def upstream_config(cfg: Any) -> Any:
     if isinstance(cfg, (list, tuple)):
         return type(cfg)(upstream_config(item) for item in cfg)
     return copy.deepcopy(cfg)
+
+
+def unwrap_for_deploy(cfg: Any) -> Tuple[Any, int]:
+    """:func:`upstream_config` for a deploy config: each wrapper's inner module config, its
+    ``Pretrained`` init dropped (the weights come from the deploy checkpoint).
+
+    Returns:
+        tuple: The config without wrappers, and how many wrappers it had.
+    """
+    if isinstance(cfg, Mapping):
+        if is_reparameterized_type(cfg.get('type')):
+            inner, _ = unwrap_for_deploy(upstream_config(cfg))
+            inner = dict(inner)
+            if 'init_cfg' in inner:
+                init_cfg = without_pretrained(inner['init_cfg'])
+                if init_cfg is None:
+                    inner.pop('init_cfg')
+                else:
+                    inner['init_cfg'] = init_cfg
+            return inner, 1
+        count, items = 0, {}
+        for key, value in cfg.items():
+            items[key], n = unwrap_for_deploy(value)
+            count += n
+        return (ConfigDict(items) if isinstance(cfg, ConfigDict) else items), count
+    if isinstance(cfg, (list, tuple)):
+        pairs = [unwrap_for_deploy(item) for item in cfg]
+        return type(cfg)(item for item, _ in pairs), sum(n for _, n in pairs)
+    return cfg, 0
 
 
 @MODELS.register_module(name='Reparameterized')

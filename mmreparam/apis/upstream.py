@@ -458,16 +458,10 @@ def convert_reparameterized(node: dict, state: StateDict, ctx: _Context, what: s
                             ) -> Tuple[dict, StateDict, str]:
     """``mmreparam.Reparameterized``: its fold gives back the upstream module with its own
     state_dict keys, so the config is its ``module`` and the state stays as it is."""
-    inner = node.get('module')
-    if not isinstance(inner, dict) or 'type' not in inner:
+    from .reparameterize import unwrap_for_deploy
+    if not isinstance(node.get('module'), dict) or 'type' not in node['module']:
         raise NoUpstreamForm(f'{what}: mmreparam.Reparameterized without a module config')
-    inner = copy.deepcopy(dict(inner))
-    if 'init_cfg' in inner:
-        init_cfg = without_pretrained(inner['init_cfg'])
-        if init_cfg is None:
-            inner.pop('init_cfg')
-        else:
-            inner['init_cfg'] = init_cfg
+    inner, _ = unwrap_for_deploy(node)
     return inner, dict(state), str(inner['type'])
 
 

@@ -129,3 +129,23 @@ def test_mmseg_and_mmpretrain_registries(scope, module):
     assert type(model).__name__ == module['type']
     assert model.reparam_report.converted
     assert any(isinstance(m, ReparamBlock) for m in model.modules())
+
+
+@pytest.mark.parametrize('deploy_form', ['upstream', 'mmreparam'])
+def test_deploy_pair_of_a_wrapped_detector_is_the_upstream_one(tmp_path, deploy_form):
+    """Both deploy forms of a model whose only re-param parts are wrappers are the upstream
+    model (the wrapper's fold is its upstream module): no mmreparam name in the config, and
+    the checkpoint loads strictly with the folded model's outputs."""
+    from mmreparam.apis.deploy import export_deploy
+    torch.manual_seed(0)
+    cfg = rtmdet_cfg('DBB')
+    model = randomize_bn(build(cfg), seed=5)
+    folded = mmreparam.fold(model)
+    paths = export_deploy(folded, Config(dict(model=cfg, default_scope='mmdet')), str(tmp_path),
+                          deploy_form=deploy_form)
+    text = Path(paths['config']).read_text()
+    assert 'mmreparam' not in text
+    deployed = build(Config.fromfile(paths['config']).model)
+    load_checkpoint(deployed, paths['checkpoint'], map_location='cpu', strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    assert max_rel(feats(model, x), feats(deployed, x)) <= 1e-5
