@@ -260,10 +260,7 @@ class RepVGG(ReparamBackbone):
                  ]):
         super().__init__(init_cfg)
         arch = self._check_arch(arch)
-        name, block_args = parse_reparam(reparam)
-        if name not in self.block_types:
-            raise ValueError(f'unknown reparam {name!r} for RepVGG; choose one of '
-                             f'{sorted(self.block_types)}')
+        name, block_args = parse_reparam(reparam, self.block_types)
         num_stages = len(arch['num_blocks'])
         if len(strides) != num_stages or len(dilations) != num_stages:
             raise ValueError(f'strides {tuple(strides)} and dilations {tuple(dilations)} '

@@ -1,4 +1,5 @@
 """Choosing a block per convolution: the official per-kernel-size rule."""
+import functools
 import inspect
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -43,6 +44,12 @@ def block_arg_names(block_type: type) -> Tuple[str, ...]:
     """The arguments a block type takes beyond :class:`ReparamBlock`'s geometry: the
     keyword-only arguments of the ``__init__`` of each class from ``block_type`` up to (not
     including) the base class, e.g. ``('internal_channels_1x1_3x3', )`` for DBB."""
+    if isinstance(block_type, functools.partial):  # a backbone's table: fixed arguments
+        fixed = set(block_type.keywords)
+        return tuple(n for n in block_arg_names(block_type.func) if n not in fixed)
+    if not isinstance(block_type, type):  # a builder function
+        return tuple(p.name for p in inspect.signature(block_type).parameters.values()
+                     if p.kind is p.KEYWORD_ONLY)
     names = []
     for cls in block_type.__mro__:
         if cls.__name__ == 'ReparamBlock':
@@ -56,7 +63,12 @@ def block_arg_names(block_type: type) -> Tuple[str, ...]:
     return tuple(names)
 
 
-def parse_reparam(reparam: ReparamCfg) -> Tuple[str, Dict]:
+def _type_name(block_type) -> str:
+    return getattr(getattr(block_type, 'func', block_type), '__name__', repr(block_type))
+
+
+def parse_reparam(reparam: ReparamCfg,
+                  types: Optional[Mapping[str, type]] = None) -> Tuple[str, Dict]:
     """Split a ``reparam=`` value into the name and the block arguments, checking both.
 
     Args:
@@ -64,6 +76,9 @@ def parse_reparam(reparam: ReparamCfg) -> Tuple[str, Dict]:
             a name, ``'mmreparam.'`` prefix allowed) and arguments of that block type, which
             go to every block of that type (``reparam='OREPA'``'s ``1x1`` and large-kernel
             companions take none).
+        types (Mapping[str, type], optional): The block types to choose from, by name (a
+            backbone's own table, e.g. RepOptVGG's with ``'CSLA'``). Defaults to
+            :data:`REPARAM_TYPES`.
 
     Returns:
         tuple[str, dict]: The name and the block arguments (a new dict).
@@ -72,25 +87,26 @@ def parse_reparam(reparam: ReparamCfg) -> Tuple[str, Dict]:
         ValueError: Unknown name, a dict without ``type``, or an argument the block does not
             take (the message lists the choices).
     """
+    types = REPARAM_TYPES if types is None else types
     if isinstance(reparam, str):
         name, args = reparam, {}
     elif isinstance(reparam, Mapping):
         args = dict(reparam)
         name = args.pop('type', None)
         if not isinstance(name, str):
-            raise ValueError(f'a reparam dict needs type= one of {sorted(REPARAM_TYPES)}, '
+            raise ValueError(f'a reparam dict needs type= one of {sorted(types)}, '
                              f'got {dict(reparam)}')
     else:
-        raise ValueError(f'reparam must be a name ({sorted(REPARAM_TYPES)}) or a dict with '
+        raise ValueError(f'reparam must be a name ({sorted(types)}) or a dict with '
                          f'type= and block arguments, got {type(reparam).__name__}')
     if name.startswith('mmreparam.'):
         name = name[len('mmreparam.'):]
-    if name not in REPARAM_TYPES:
-        raise ValueError(f'unknown reparam {name!r}; choose one of {sorted(REPARAM_TYPES)}')
-    allowed = block_arg_names(REPARAM_TYPES[name])
+    if name not in types:
+        raise ValueError(f'unknown reparam {name!r}; choose one of {sorted(types)}')
+    allowed = block_arg_names(types[name])
     unknown = sorted(set(args) - set(allowed))
     if unknown:
-        raise ValueError(f'reparam {name!r} ({REPARAM_TYPES[name].__name__}) takes no argument '
+        raise ValueError(f'reparam {name!r} ({_type_name(types[name])}) takes no argument '
                          f'{unknown}; its arguments are {list(allowed) or "none"}')
     return name, args
 
