@@ -6,8 +6,8 @@ model once on an example input with module hooks (which module runs, what it ret
 ``TorchFunctionMode`` (every torch operation and the tensors it reads), not from attribute
 names: it works for mmcv's ``ConvModule``, for ``convN`` / ``normN`` attribute pairs
 (mmdet's ResNet family, RegNet, HRNet), ``nn.Sequential`` pairs and timm-style modules
-alike. :func:`mmreparam.reparameterize` turns the pairs into re-param blocks; a conv -> BN
-fusion can use the same search.
+alike. :func:`mmreparam.reparameterize` turns the pairs into re-param blocks;
+:func:`fuse_conv_bn_pairs` (``mmreparam.fold(..., fuse_bn=True)``) merges them into the conv.
 """
 import contextlib
 from dataclasses import dataclass
@@ -225,6 +225,126 @@ def _pair_problem(tracer: _Tracer, conv: nn.Conv2d, norm: _BatchNorm,
     return _conv_problem(conv) or _norm_problem(norm, conv)
 
 
+def _first_conv(module: nn.Module) -> Optional[nn.Conv2d]:
+    return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _reference_tensor(module: nn.Module) -> Tensor:
+    tensor = next(module.parameters(), None)
+    return tensor if tensor is not None else torch.zeros(())
+
+
+def example_inputs(module: nn.Module, size: int = 64) -> List[Tuple[Any, ...]]:
+    """Candidate example inputs of a backbone or a neck, from its structure.
+
+    A module whose ``in_channels`` is a list (a neck: FPN, PAFPN, ...) gets one feature map
+    per entry, as one tuple argument, from ``max(2, size // 32)`` pixels for the last up to
+    twice that for each level before. Another (a backbone) gets a ``size x size`` image
+    batch of one with the input channels of its first convolution, its ``in_channels`` (an
+    int attribute; some backbones keep another meaning under that name), or 3 (a first
+    convolution may see a transformed image, as after YOLOX's Focus). Device and dtype
+    follow the module's parameters.
+
+    Returns:
+        list[tuple]: Positional arguments to try, in turn.
+    """
+    ref = _reference_tensor(module)
+    like = dict(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    in_channels = getattr(module, 'in_channels', None)
+    if isinstance(in_channels, (list, tuple)) and in_channels \
+            and all(isinstance(c, int) for c in in_channels):
+        smallest = max(2, size // 32)
+        count = len(in_channels)
+        sizes = [smallest * 2**(count - 1 - i) for i in range(count)]
+        return [(tuple(torch.randn(1, c, s, s, **like) for c, s in zip(in_channels, sizes)), )]
+    conv = _first_conv(module)
+    if conv is None:
+        raise ValueError(f'{type(module).__name__} has no nn.Conv2d: nothing to '
+                         're-parameterize')
+    channels = [conv.in_channels]
+    for more in (in_channels, 3):  # 3: an RGB image, when the first conv sees another input
+        if isinstance(more, int) and more not in channels:
+            channels.append(more)
+    return [(torch.randn(1, c, size, size, **like), ) for c in channels]
+
+
+def search_pairs(module: nn.Module, inputs: Any = None,
+                 sizes: Sequence[int] = (32, 64, 128, 256)
+                 ) -> Tuple[List[ConvBNPair], Any]:
+    """:func:`find_conv_bn_pairs` on ``inputs``, or, when None, on the first candidate of
+    :func:`example_inputs` (for each of ``sizes`` in turn) that runs.
+
+    Args:
+        module (nn.Module): The module to search.
+        inputs (Tensor | tuple | dict, optional): Its inputs (a tensor is one positional
+            argument). Defaults to None.
+        sizes (Sequence[int]): Example image sizes to try when ``inputs`` is None.
+
+    Returns:
+        tuple[list[ConvBNPair], tuple | dict]: The pairs and the inputs they were found with.
+
+    Raises:
+        ValueError: ``inputs`` is None and no example input runs (or ``module`` has no
+            ``nn.Conv2d``).
+    """
+    if inputs is not None:
+        inputs = inputs if isinstance(inputs, (tuple, list, dict)) else (inputs, )
+        return find_conv_bn_pairs(module, inputs), inputs
+    errors = []
+    for size in sizes:
+        for inputs in example_inputs(module, size):
+            try:
+                return find_conv_bn_pairs(module, inputs), inputs
+            except Exception as err:  # noqa: BLE001 - another input may run; all fail below
+                errors.append(f'{size}px: {type(err).__name__}: {err}')
+    raise ValueError(f'could not run {type(module).__name__} on an example input to follow '
+                     f'its data ({"; ".join(errors)}); pass example_inputs=')
+
+
+def fuse_conv_bn_pairs(module: nn.Module, pairs: Sequence[ConvBNPair]) -> List[ConvBNPair]:
+    """Fuse each mergeable pair of ``module`` in place: the conv gets the BN's eval-mode
+    affine map folded into its kernel and bias, the BN becomes ``nn.Identity``.
+
+    ``W' = W * g / sqrt(v + eps)``, ``b' = beta + (b - m) * g / sqrt(v + eps)``, computed in
+    float64 and stored in the conv's dtype. The conv's output then goes through the
+    identity, so ``module`` computes its eval-mode function as before; its ``state_dict``
+    keys change (the BN's entries are gone, the conv has a ``bias``): the fused model is a
+    deploy model, not one that loads into its class's upstream config.
+
+    Args:
+        module (nn.Module): The module the pairs were found in (:func:`find_conv_bn_pairs`).
+        pairs (Sequence[ConvBNPair]): Its pairs; those with a ``problem`` are skipped.
+
+    Returns:
+        list[ConvBNPair]: The pairs fused.
+    """
+    fused = []
+    for pair in pairs:
+        if not pair.mergeable:
+            continue
+        conv, norm = module.get_submodule(pair.conv), module.get_submodule(pair.norm)
+        with torch.no_grad():
+            weight = conv.weight.double()
+            scale = (norm.running_var.double() + norm.eps).rsqrt()
+            shift = -norm.running_mean.double() * scale
+            if norm.affine:
+                scale = scale * norm.weight.double()
+                shift = shift * norm.weight.double() + norm.bias.double()
+            if conv.bias is not None:
+                shift = shift + conv.bias.double() * scale
+            kernel = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+            conv.weight = nn.Parameter(kernel.to(conv.weight.dtype),
+                                       requires_grad=conv.weight.requires_grad)
+            conv.bias = nn.Parameter(shift.to(conv.weight.dtype),
+                                     requires_grad=conv.weight.requires_grad)
+        parent, _, name = pair.norm.rpartition('.')
+        identity = nn.Identity()
+        identity.training = norm.training
+        setattr(module.get_submodule(parent) if parent else module, name, identity)
+        fused.append(pair)
+    return fused
+
+
 def convmodule_pairs(module: nn.Module) -> List[ConvBNPair]:
     """The conv -> BN pairs that mmcv's ``ConvModule`` s in ``module`` hold by
     construction (``order`` has ``'norm'`` right after ``'conv'``): the pairs of a module
@@ -252,4 +372,5 @@ def convmodule_pairs(module: nn.Module) -> List[ConvBNPair]:
     return pairs
 
 
-__all__ = ['ConvBNPair', 'find_conv_bn_pairs', 'convmodule_pairs', 'call_module']
+__all__ = ['ConvBNPair', 'find_conv_bn_pairs', 'convmodule_pairs', 'call_module',
+           'example_inputs', 'search_pairs', 'fuse_conv_bn_pairs']
