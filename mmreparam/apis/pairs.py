@@ -10,8 +10,9 @@ alike. :func:`mmreparam.reparameterize` turns the pairs into re-param blocks;
 :func:`fuse_conv_bn_pairs` (``mmreparam.fold(..., fuse_bn=True)``) merges them into the conv.
 """
 import contextlib
+import copy
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..models.layers.base import Foldable, is_mmreparam
 from ..models.layers.norm import SyncBatchNorm as MMReparamSyncBN
+from ..registry import MODELS
 
 #: Tensor attributes and methods that read metadata only: calling them is not a use of the
 #: tensor's values.
@@ -345,6 +347,65 @@ def fuse_conv_bn_pairs(module: nn.Module, pairs: Sequence[ConvBNPair]) -> List[C
     return fused
 
 
+def fused_structure(module: nn.Module, pairs: Sequence[Sequence[str]]) -> nn.Module:
+    """Give ``module`` the structure that :func:`fuse_conv_bn_pairs` leaves, in place: for
+    each ``(conv, norm)`` path pair, the BN becomes ``nn.Identity`` and a conv without a
+    bias gets a zero one. The weights are not fused (that is what loading a fused
+    ``state_dict`` does next): this builds the model that a fused deploy checkpoint loads
+    into.
+
+    Args:
+        module (nn.Module): The unfused model, built from its config.
+        pairs (Sequence[Sequence[str]]): ``(conv path, BN path)`` of each fused pair.
+
+    Returns:
+        nn.Module: ``module``.
+
+    Raises:
+        ValueError: A path names no convolution / BatchNorm of ``module``.
+    """
+    for conv_path, norm_path in pairs:
+        try:
+            conv, norm = module.get_submodule(conv_path), module.get_submodule(norm_path)
+        except AttributeError as exc:
+            raise ValueError(f'{type(module).__name__} has no fused pair {conv_path} -> '
+                             f'{norm_path} ({exc})') from None
+        if not isinstance(conv, nn.Conv2d) or not isinstance(norm, (_BatchNorm, nn.Identity)):
+            raise ValueError(f'{conv_path} -> {norm_path} of {type(module).__name__} is a '
+                             f'{type(conv).__name__} -> {type(norm).__name__}, not a conv -> '
+                             'BatchNorm pair')
+        if conv.bias is None:
+            conv.bias = nn.Parameter(conv.weight.new_zeros(conv.out_channels),
+                                     requires_grad=conv.weight.requires_grad)
+        parent, _, name = norm_path.rpartition('.')
+        setattr(module.get_submodule(parent) if parent else module, name, nn.Identity())
+    return module
+
+
+@MODELS.register_module(name='FusedBN')
+def build_fused_bn(model: dict, pairs: Sequence[Sequence[str]]) -> nn.Module:
+    """Build ``model`` through the registry and give it the fused structure of ``pairs``
+    (:func:`fused_structure`): the deploy config of a model whose conv -> BN pairs were
+    fused (``tools/fold.py --fuse-bn``), so that its ``deploy.pth`` loads strictly.
+
+    Registered as ``mmreparam.FusedBN``; returns the built model itself (no extra level in
+    the ``state_dict`` keys)::
+
+        model = dict(type='mmreparam.FusedBN', pairs=[['backbone.conv1', 'backbone.bn1']],
+                     model=dict(type='ImageClassifier', ...))
+
+    Args:
+        model (dict): The model's config (an unscoped type resolves in the default scope).
+        pairs (Sequence[Sequence[str]]): ``(conv path, BN path)`` of each fused pair.
+
+    Returns:
+        nn.Module: The built model, fused in structure.
+    """
+    if not isinstance(model, Mapping) or 'type' not in model:
+        raise ValueError(f'mmreparam.FusedBN needs model=dict(type=..., ...), got {model!r}')
+    return fused_structure(MODELS.build(copy.deepcopy(model)), pairs)
+
+
 def convmodule_pairs(module: nn.Module) -> List[ConvBNPair]:
     """The conv -> BN pairs that mmcv's ``ConvModule`` s in ``module`` hold by
     construction (``order`` has ``'norm'`` right after ``'conv'``): the pairs of a module
@@ -373,4 +434,5 @@ def convmodule_pairs(module: nn.Module) -> List[ConvBNPair]:
 
 
 __all__ = ['ConvBNPair', 'find_conv_bn_pairs', 'convmodule_pairs', 'call_module',
-           'example_inputs', 'search_pairs', 'fuse_conv_bn_pairs']
+           'example_inputs', 'search_pairs', 'fuse_conv_bn_pairs', 'fused_structure',
+           'build_fused_bn']
