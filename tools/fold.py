@@ -4,8 +4,9 @@ Writes ``OUT_DIR/deploy.pth`` (folded weights) and ``OUT_DIR/deploy_config.py``,
 :class:`mmreparam.FoldHook` does after training, and reports the fold error. The pair is the
 upstream model (mmdet's / mmseg's / mmpretrain's classes, no mmreparam type) where every
 mmreparam part has an upstream class, else the config with ``deploy=True`` backbones
-(``--deploy-form mmreparam`` always writes that one). The deploy pair runs with the
-unmodified upstream test tools:
+(``--deploy-form mmreparam`` always writes that one). ``--fuse-bn`` also fuses the folded
+model's conv -> BN pairs and wraps that config in ``mmreparam.FusedBN``. The deploy pair
+runs with the unmodified upstream test tools:
 ``python tools/test.py OUT_DIR/deploy_config.py OUT_DIR/deploy.pth``.
 """
 import argparse
