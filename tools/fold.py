@@ -88,7 +88,12 @@ def run(args):
     seconds = time.perf_counter() - start
     load_batch, pair = (lambda: first_test_batch(cfg)), None
     if args.fuse_bn:
-        batch = first_test_batch(cfg)
+        try:
+            batch = first_test_batch(cfg)
+        except Exception as exc:
+            raise ValueError('--fuse-bn runs the model on the first test batch to find its '
+                             f'conv -> BN pairs, and it could not be loaded '
+                             f'({describe_error(exc)}); nothing was written') from None
         load_batch = lambda: batch  # noqa: E731 - the check runs on the batch fused with
         folded, pair = fuse_bn_deploy(folded, cfg, args.deploy_form, batch[1])
     fold_check, err = check_fold(model, folded, load_batch, args.max_rel_error,

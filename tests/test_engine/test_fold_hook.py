@@ -608,3 +608,17 @@ def test_fold_tool_fuse_bn_writes_a_pair_that_loads_and_tests(image_folder, tmp_
     run_upstream_tool('test.py', [str(out / 'deploy_config.py'), str(out / 'deploy.pth'),
                                   '--work-dir', str(tmp_path / 'test')])
     assert 'accuracy/top1' in capfd.readouterr().out
+
+
+def test_fold_tool_fuse_bn_without_a_test_batch(image_folder, tmp_path, capsys):
+    """--fuse-bn needs the test batch to find the pairs: one error line, nothing written."""
+    cfg = classifier_cfg(image_folder, tmp_path / 'work', max_iters=2)
+    run_training(config_file(cfg, tmp_path))
+    out = tmp_path / 'out'
+    status = fold_tool().main([str(tmp_path / 'cfg.py'), str(tmp_path / 'work' / 'iter_2.pth'),
+                               str(out), '--fuse-bn', '--cfg-options',
+                               f'test_dataloader.dataset.data_root={tmp_path / "missing"}'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and '--fuse-bn runs the model on the first test ' \
+        'batch' in err[0] and 'nothing was written' in err[0], err
+    assert deploy_files(out) == []
