@@ -42,7 +42,8 @@ def parse_args(argv=None):
                         "upstream class, else mmreparam's form; 'mmreparam': always "
                         "mmreparam's form (deploy=True backbones)")
     parser.add_argument('--fuse-bn', action='store_true',
-                        help='also fuse the conv -> BN pairs of the folded model (found by '
+                        help='also fuse the conv / linear -> BN and BN -> unpadded conv / '
+                        'linear pairs of the folded model (found by '
                         'running it on the first test batch); the deploy config is then '
                         "mmreparam's mmreparam.FusedBN wrapper of the deploy model, since its "
                         'keys no longer match the upstream class')
@@ -138,7 +139,12 @@ def fuse_bn_deploy(folded, cfg, deploy_form, batch):
     from mmengine.config import Config
 
     from mmreparam.apis.deploy import deploy_pair
-    from mmreparam.apis.pairs import find_conv_bn_pairs, fuse_conv_bn_pairs
+    from mmreparam.apis.pairs import (
+        describe_pair,
+        find_conv_bn_pairs,
+        fuse_conv_bn_pairs,
+        unfused_pairs,
+    )
     from mmreparam.cli.model import build_model
     pair = deploy_pair(folded, cfg, deploy_form)
     if pair['config'] is None:
@@ -149,17 +155,16 @@ def fuse_bn_deploy(folded, cfg, deploy_form, batch):
     data = model.data_preprocessor(copy.deepcopy(batch), False)
     pairs = find_conv_bn_pairs(model, dict(inputs=data['inputs'],
                                            data_samples=data.get('data_samples'),
-                                           mode='tensor'))
+                                           mode='tensor'), more=True)
     fused = fuse_conv_bn_pairs(model, pairs)
-    left = [p for p in pairs if not p.mergeable]
-    print(f'fused {len(fused)} conv -> BN pair(s)' + (
-        f'; left {len(left)} unfused: ' + '; '.join(f'{p.conv} -> {p.norm} ({p.problem})'
-                                                  for p in left) if left else ''))
+    left = unfused_pairs(pairs, fused)
+    print(f'fused {len(fused)} BN pair(s)' + (
+        f'; left {len(left)} unfused: ' + '; '.join(map(describe_pair, left)) if left else ''))
     config = Config(pair['config'].to_dict(), filename=pair['config'].filename)
     config.model = dict(type='mmreparam.FusedBN', model=pair['config'].model.to_dict(),
                         pairs=[[p.conv, p.norm] for p in fused])
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    why = f'{pair["form"]} form with {len(fused)} conv -> BN pairs fused (--fuse-bn)'
+    why = f'{pair["form"]} form with {len(fused)} BN pairs fused (--fuse-bn)'
     return model, dict(config=config, state_dict=state, form='mmreparam', why=why)
 
 

@@ -14,7 +14,7 @@ from ..errors import ForeignFoldError
 from ..models.layers.base import FoldFailure, describe_failures, fold_module
 from ..models.layers.foreign import foreign_fold_problem
 from ..utils import describe_error
-from .pairs import ConvBNPair, fuse_conv_bn_pairs, search_pairs
+from .pairs import ConvBNPair, describe_pair, fuse_conv_bn_pairs, search_pairs, unfused_pairs
 from .surgery import restore_upstream
 
 
@@ -39,17 +39,18 @@ def fold(model: nn.Module, inplace: bool = False, strict: bool = False, *,
     :func:`~mmreparam.apis.surgery.restore_upstream`).
 
     With ``fuse_bn=True`` the folded model is then run once on ``example_inputs`` to find
-    its conv -> BatchNorm pairs by following the data
-    (:func:`~mmreparam.apis.pairs.find_conv_bn_pairs`, the search of
-    :func:`mmreparam.reparameterize`); each pair whose conv output only the BN uses is fused
-    (the conv gets the BN's eval-mode affine map in its kernel and bias, the BN becomes
-    ``nn.Identity``: :func:`~mmreparam.apis.pairs.fuse_conv_bn_pairs`). The ``state_dict``
-    keys change then (no BN entries, conv biases): a deploy model that no longer loads into
-    its upstream class. The pairs that the search found but cannot fuse (the conv's output
-    is used elsewhere too, shared modules, a BN without running statistics) are named in
-    the same WARNING (or error, with ``strict``). Only conv -> BN: BN -> conv and linear
-    pairs are not fused. Off by default: it changes the model's structure and keys, and
-    needs an input to run the model on.
+    its conv -> BatchNorm, linear -> BatchNorm and BatchNorm -> conv / linear pairs by
+    following the data (:func:`~mmreparam.apis.pairs.find_conv_bn_pairs` with
+    ``more=True``, the search of :func:`mmreparam.reparameterize`); each pair whose first
+    module's output only the second one uses is fused (the conv or linear layer gets the
+    BN's eval-mode affine map in its kernel and bias, the BN becomes ``nn.Identity``:
+    :func:`~mmreparam.apis.pairs.fuse_conv_bn_pairs`; a BN before a conv only when the conv
+    has no padding). The ``state_dict`` keys change then (no BN entries, layer biases): a
+    deploy model that no longer loads into its upstream class. The pairs that the search
+    found but cannot fuse (the output is used elsewhere too, shared modules, a BN without
+    running statistics, a padded conv after the BN) and whose BN stays are named in the
+    same WARNING (or error, with ``strict``). Off by default: it changes the model's
+    structure and keys, and needs an input to run the model on.
 
     Args:
         model (nn.Module): The model.
@@ -109,27 +110,28 @@ def _fold_copy(model: nn.Module, strict: bool, fuse_bn: bool = False,
     left: List[ConvBNPair] = []
     fused = 0
     if fuse_bn:
-        pairs, _ = search_pairs(folded, example_inputs)
-        fused = len(fuse_conv_bn_pairs(folded, pairs))
-        left = [pair for pair in pairs if not pair.mergeable]
+        pairs, _ = search_pairs(folded, example_inputs, more=True)
+        fused_pairs = fuse_conv_bn_pairs(folded, pairs)
+        fused = len(fused_pairs)
+        left = unfused_pairs(pairs, fused_pairs)
     _restore_modes(folded, modes, modes[model])
     name = type(model).__name__
     unfolded = describe_failures(failures) if failures else ''
-    unfused = '; '.join(f'{pair.conv} -> {pair.norm} ({pair.problem})' for pair in left)
+    unfused = '; '.join(describe_pair(pair) for pair in left)
     if strict and (failures or left):
         raise ForeignFoldError('; '.join(
             ([f'{len(failures)} module(s) of {name} cannot be folded: {unfolded}']
              if failures else []) +
-            ([f'{len(left)} conv -> BN pair(s) of {name} cannot be fused: {unfused}']
+            ([f'{len(left)} BN pair(s) of {name} cannot be fused: {unfused}']
              if left else [])))
     if failures or left:
         print_log('mmreparam.fold: ' + '; '.join(
             ([f'{len(failures)} module(s) of {name} left unfolded (their own fold method '
               f'failed; each is as it was): {unfolded}'] if failures else []) +
-            ([f'{len(left)} conv -> BN pair(s) of {name} left unfused: {unfused}']
+            ([f'{len(left)} BN pair(s) of {name} left unfused: {unfused}']
              if left else [])), logger='current', level=logging.WARNING)
     print_log(f'mmreparam.fold: folded {count} module(s) of {type(model).__name__}'
-              + (f', fused {fused} conv -> BN pair(s)' if fuse_bn else ''), logger='current')
+              + (f', fused {fused} BN pair(s)' if fuse_bn else ''), logger='current')
     return folded
 
 

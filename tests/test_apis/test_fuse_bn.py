@@ -9,6 +9,7 @@ import torch.nn as nn
 from mmengine.registry import MODELS as ROOT_MODELS
 
 import mmreparam
+from mmreparam.apis.pairs import fuse_conv_bn_pairs, fused_structure, search_pairs
 from mmreparam.errors import ForeignFoldError
 from mmreparam.testing import randomize_bn
 
@@ -102,13 +103,13 @@ def test_conv_output_used_twice_is_named_and_strict_raises(monkeypatch):
         assert rel(model(x), fused(x)) < 1e-5
     warnings = [msg for msg, level in logged if level == logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert '1 conv -> BN pair(s) of TwiceUsed left unfused: conv -> bn (the conv\'s output ' \
+    assert '1 BN pair(s) of TwiceUsed left unfused: conv -> bn (the conv\'s output ' \
         'is used elsewhere too' in warnings[0], warnings[0]
     logged.clear()
     mmreparam.fold(model, fuse_bn=False)  # without fuse_bn there is nothing to report
     assert not [msg for msg, level in logged if level == logging.WARNING]
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ForeignFoldError, match=r'1 conv -> BN pair\(s\) of TwiceUsed cannot '
+    with pytest.raises(ForeignFoldError, match=r'1 BN pair\(s\) of TwiceUsed cannot '
                        r'be fused: conv -> bn \(the conv\'s output is used elsewhere'):
         mmreparam.fold(model, inplace=True, strict=True, fuse_bn=True, example_inputs=x)
     assert isinstance(model.stem[1], nn.BatchNorm2d)  # nothing changed
@@ -131,3 +132,69 @@ def test_fuse_bn_after_reparameterize_and_a_train_mode_model():
     with torch.no_grad():
         for a, b in zip(model(x), fused(x)):
             assert rel(a, b) < 1e-5
+
+
+class BNBothSides(nn.Module):
+    """BN -> 1x1 grouped conv, BN -> padded conv (not fusible: padding), linear -> BN1d,
+    BN1d -> linear, and a 3-d BN1d input before a linear layer of as many features (not
+    fusible)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(4)
+        self.conv1 = nn.Conv2d(4, 6, 1, groups=2)  # BN before it: fused
+        self.act = nn.ReLU()
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)  # padded: BN left
+        self.fc1 = nn.Linear(6, 8, bias=False)
+        self.bn2 = nn.BatchNorm1d(8)  # after fc1: fused into it
+        self.bn3 = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 5)  # BN before it: fused
+        self.bn4 = nn.BatchNorm1d(5)  # on (N, 5, 5): normalizes dim 1, fc3 acts on dim 2
+        self.fc3 = nn.Linear(5, 2)  # so not fusible though the sizes agree
+
+    def forward(self, x):
+        y = self.conv2(self.bn1(self.act(self.conv1(self.bn0(x)))))
+        z = self.bn2(self.fc1(y.mean((2, 3))))
+        z = self.fc2(self.bn3(torch.relu(z)))
+        return self.fc3(self.bn4(z[:, None].expand(-1, 5, -1)))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_fuse_bn_before_and_around_linear_layers(dtype, monkeypatch):
+    logged = []
+    monkeypatch.setattr(fold_module, 'print_log',
+                        lambda msg, **kwargs: logged.append((msg, kwargs.get('level'))))
+    torch.manual_seed(0)
+    model = randomize_bn(BNBothSides(), seed=5).to(dtype).eval()
+    x = torch.randn(3, 4, 7, 7, dtype=dtype)
+    fused = mmreparam.fold(model, fuse_bn=True, example_inputs=x)
+    kept = {name for name, m in fused.named_modules() if isinstance(m, nn.BatchNorm1d)
+            or isinstance(m, nn.BatchNorm2d)}
+    assert kept == {'bn1', 'bn4'}, kept
+    with torch.no_grad():
+        assert rel(model(x), fused(x)) < TOLERANCE[dtype]
+    warnings = [msg for msg, level in logged if level == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert '2 BN pair(s) of BNBothSides left unfused: bn1 -> conv2 (the conv pads its input' \
+        in warnings[0] and 'bn4 -> fc3 (the BatchNorm normalizes a 3-d tensor' in warnings[0], \
+        warnings[0]
+    again = mmreparam.fold(fused, fuse_bn=True, example_inputs=x)
+    state, state_again = fused.state_dict(), again.state_dict()
+    assert state.keys() == state_again.keys()
+    assert all(torch.equal(state[k], state_again[k]) for k in state)
+
+
+def test_fused_structure_loads_the_fused_state_dict():
+    model = randomize_bn(BNBothSides(), seed=6).eval()
+    x = torch.randn(2, 4, 5, 5)
+    pairs, _ = search_pairs(model, (x, ), more=True)
+    fused_model = copy.deepcopy(model)
+    fused = fuse_conv_bn_pairs(fused_model, pairs)
+    assert {p.kind for p in fused} == {'bn-conv', 'linear-bn', 'bn-linear'}
+    built = fused_structure(BNBothSides(), [[p.conv, p.norm] for p in fused]).eval()
+    built.load_state_dict(fused_model.state_dict())  # strict
+    with torch.no_grad():
+        assert rel(model(x), built(x)) < 1e-5
+    with pytest.raises(ValueError, match='has no fused pair'):
+        fused_structure(BNBothSides(), [['conv9', 'bn0']])
