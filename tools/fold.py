@@ -5,7 +5,7 @@ Writes ``OUT_DIR/deploy.pth`` (folded weights) and ``OUT_DIR/deploy_config.py``,
 upstream model (mmdet's / mmseg's / mmpretrain's classes, no mmreparam type) where every
 mmreparam part has an upstream class, else the config with ``deploy=True`` backbones
 (``--deploy-form mmreparam`` always writes that one). ``--fuse-bn`` also fuses the folded
-model's conv -> BN pairs and wraps that config in ``mmreparam.FusedBN``. The deploy pair
+model's BN pairs and wraps that config in ``mmreparam.FusedBN``. The deploy pair
 runs with the unmodified upstream test tools:
 ``python tools/test.py OUT_DIR/deploy_config.py OUT_DIR/deploy.pth``.
 """
@@ -127,7 +127,7 @@ def run(args):
 
 def fuse_bn_deploy(folded, cfg, deploy_form, batch):
     """``--fuse-bn``: the deploy model (upstream or mmreparam's form, built from its config
-    and loaded with its weights) with its conv -> BN pairs fused
+    and loaded with its weights) with its BN pairs fused (conv / linear -> BN, BN -> layer)
     (:func:`mmreparam.apis.pairs.fuse_conv_bn_pairs`, found by running it on ``batch``),
     and its deploy pair: the config wraps the model's in ``mmreparam.FusedBN`` with the
     fused pairs, the state_dict is the fused model's. The pairs that cannot be fused are
