@@ -4,11 +4,13 @@ Writes ``OUT_DIR/deploy.pth`` (folded weights) and ``OUT_DIR/deploy_config.py``,
 :class:`mmreparam.FoldHook` does after training, and reports the fold error. The pair is the
 upstream model (mmdet's / mmseg's / mmpretrain's classes, no mmreparam type) where every
 mmreparam part has an upstream class, else the config with ``deploy=True`` backbones
-(``--deploy-form mmreparam`` always writes that one). The deploy pair runs with the
-unmodified upstream test tools:
+(``--deploy-form mmreparam`` always writes that one). ``--fuse-bn`` also fuses the folded
+model's BN pairs and wraps that config in ``mmreparam.FusedBN``. The deploy pair
+runs with the unmodified upstream test tools:
 ``python tools/test.py OUT_DIR/deploy_config.py OUT_DIR/deploy.pth``.
 """
 import argparse
+import copy
 import os
 import sys
 import time
@@ -39,6 +41,12 @@ def parse_args(argv=None):
                         'weights (no mmreparam type) where every mmreparam part has an '
                         "upstream class, else mmreparam's form; 'mmreparam': always "
                         "mmreparam's form (deploy=True backbones)")
+    parser.add_argument('--fuse-bn', action='store_true',
+                        help='also fuse the conv / linear -> BN and BN -> unpadded conv / '
+                        'linear pairs of the folded model (found by '
+                        'running it on the first test batch); the deploy config is then '
+                        "mmreparam's mmreparam.FusedBN wrapper of the deploy model, since its "
+                        'keys no longer match the upstream class')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, key=value (as in the upstream tools)')
     return parser.parse_args(argv)
@@ -79,14 +87,24 @@ def run(args):
     except Exception as exc:
         raise FoldFailed(f'folding the model failed ({describe_error(exc)}); nothing was written')
     seconds = time.perf_counter() - start
-    fold_check, err = check_fold(model, folded, lambda: first_test_batch(cfg), args.max_rel_error,
+    load_batch, pair = (lambda: first_test_batch(cfg)), None
+    if args.fuse_bn:
+        try:
+            batch = first_test_batch(cfg)
+        except Exception as exc:
+            raise ValueError('--fuse-bn runs the model on the first test batch to find its '
+                             f'conv -> BN pairs, and it could not be loaded '
+                             f'({describe_error(exc)}); nothing was written') from None
+        load_batch = lambda: batch  # noqa: E731 - the check runs on the batch fused with
+        folded, pair = fuse_bn_deploy(folded, cfg, args.deploy_form, batch[1])
+    fold_check, err = check_fold(model, folded, load_batch, args.max_rel_error,
                                  fallback_shape=args.shape)
     params = sum(p.numel() for p in model.parameters())
     params_folded = sum(p.numel() for p in folded.parameters())
     paths = export_deploy(folded, cfg, args.out_dir,
                           meta=dict(source=os.path.abspath(args.checkpoint), fold_error=err,
                                     fold_check=fold_check),
-                          deploy_form=args.deploy_form)
+                          deploy_form=args.deploy_form, pair=pair)
     print(f'folded in {seconds:.2f} s: {params / 1e6:.2f}M -> {params_folded / 1e6:.2f}M '
           'parameters')
     for _, message in fold_check_messages(fold_check, err)[:1]:  # the failure: below
@@ -105,6 +123,49 @@ def run(args):
             f'--max-rel-error {args.max_rel_error:g}' + (f' ({detail})' if detail else '')
             + ': the folded model does not compute what the trained one computes (the files '
             'are written, marked fold_check=failed, for inspection)')
+
+
+def fuse_bn_deploy(folded, cfg, deploy_form, batch):
+    """``--fuse-bn``: the deploy model (upstream or mmreparam's form, built from its config
+    and loaded with its weights) with its BN pairs fused (conv / linear -> BN, BN -> layer)
+    (:func:`mmreparam.apis.pairs.fuse_conv_bn_pairs`, found by running it on ``batch``),
+    and its deploy pair: the config wraps the model's in ``mmreparam.FusedBN`` with the
+    fused pairs, the state_dict is the fused model's. The pairs that cannot be fused are
+    named on one line; they stay exact.
+
+    Returns:
+        tuple[nn.Module, dict]: The fused model and the pair for ``export_deploy``.
+    """
+    from mmengine.config import Config
+
+    from mmreparam.apis.deploy import deploy_pair
+    from mmreparam.apis.pairs import (
+        describe_pair,
+        find_conv_bn_pairs,
+        fuse_conv_bn_pairs,
+        unfused_pairs,
+    )
+    from mmreparam.cli.model import build_model
+    pair = deploy_pair(folded, cfg, deploy_form)
+    if pair['config'] is None:
+        raise ValueError('--fuse-bn needs a config with a model dict')
+    model = build_model(pair['config'])
+    model.load_state_dict(pair['state_dict'])
+    model.eval()
+    data = model.data_preprocessor(copy.deepcopy(batch), False)
+    pairs = find_conv_bn_pairs(model, dict(inputs=data['inputs'],
+                                           data_samples=data.get('data_samples'),
+                                           mode='tensor'), more=True)
+    fused = fuse_conv_bn_pairs(model, pairs)
+    left = unfused_pairs(pairs, fused)
+    print(f'fused {len(fused)} BN pair(s)' + (
+        f'; left {len(left)} unfused: ' + '; '.join(map(describe_pair, left)) if left else ''))
+    config = Config(pair['config'].to_dict(), filename=pair['config'].filename)
+    config.model = dict(type='mmreparam.FusedBN', model=pair['config'].model.to_dict(),
+                        pairs=[[p.conv, p.norm] for p in fused])
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    why = f'{pair["form"]} form with {len(fused)} BN pairs fused (--fuse-bn)'
+    return model, dict(config=config, state_dict=state, form='mmreparam', why=why)
 
 
 def main(argv=None) -> int:

@@ -154,7 +154,8 @@ def deploy_pair(folded: torch.nn.Module, cfg: Config, deploy_form: str = 'upstre
 
 def export_deploy(folded: torch.nn.Module, cfg: Config, out_dir: str,
                   meta: Optional[dict] = None, ckpt_name: str = DEPLOY_CKPT,
-                  config_name: str = DEPLOY_CONFIG, deploy_form: str = 'upstream') -> dict:
+                  config_name: str = DEPLOY_CONFIG, deploy_form: str = 'upstream',
+                  pair: Optional[dict] = None) -> dict:
     """Write ``deploy.pth`` (folded weights) and ``deploy_config.py`` into ``out_dir``.
 
     Both files are written as one (:func:`~mmreparam.fileio.atomic_write_files`): after a
@@ -170,13 +171,17 @@ def export_deploy(folded: torch.nn.Module, cfg: Config, out_dir: str,
         meta (dict, optional): Stored under ``meta`` in the checkpoint.
         deploy_form (str): ``'upstream'`` or ``'mmreparam'`` (see :func:`deploy_pair`).
             Defaults to ``'upstream'``.
+        pair (dict, optional): The pair to write, as :func:`deploy_pair` returns it (e.g.
+            after ``tools/fold.py --fuse-bn`` fused it); None: ``deploy_pair(folded, cfg,
+            deploy_form)``. Defaults to None.
 
     Returns:
         dict: ``checkpoint`` and ``config``, the written paths (``config`` is None when
         ``cfg`` has no ``model`` dict, e.g. a Runner built from a model object), ``form``
         and ``why``.
     """
-    pair = deploy_pair(folded, cfg, deploy_form)
+    if pair is None:
+        pair = deploy_pair(folded, cfg, deploy_form)
     dcfg = pair['config']
     ckpt_path = os.path.join(out_dir, ckpt_name)
     cfg_path = os.path.join(out_dir, config_name) if dcfg is not None else None

@@ -14,10 +14,12 @@ from ..errors import ForeignFoldError
 from ..models.layers.base import FoldFailure, describe_failures, fold_module
 from ..models.layers.foreign import foreign_fold_problem
 from ..utils import describe_error
+from .pairs import ConvBNPair, describe_pair, fuse_conv_bn_pairs, search_pairs, unfused_pairs
 from .surgery import restore_upstream
 
 
-def fold(model: nn.Module, inplace: bool = False, strict: bool = False) -> nn.Module:
+def fold(model: nn.Module, inplace: bool = False, strict: bool = False, *,
+         fuse_bn: bool = False, example_inputs: Any = None) -> nn.Module:
     """Fold every re-parameterizable module of ``model`` into plain convolutions.
 
     Folds mmreparam's blocks (every :class:`ReparamBlock`, and :class:`RepMLPBlock` into its
@@ -36,6 +38,20 @@ def fold(model: nn.Module, inplace: bool = False, strict: bool = False) -> nn.Mo
     again (upstream classes and state_dict keys; see
     :func:`~mmreparam.apis.surgery.restore_upstream`).
 
+    With ``fuse_bn=True`` the folded model is then run once on ``example_inputs`` to find
+    its conv -> BatchNorm, linear -> BatchNorm and BatchNorm -> conv / linear pairs by
+    following the data (:func:`~mmreparam.apis.pairs.find_conv_bn_pairs` with
+    ``more=True``, the search of :func:`mmreparam.reparameterize`); each pair whose first
+    module's output only the second one uses is fused (the conv or linear layer gets the
+    BN's eval-mode affine map in its kernel and bias, the BN becomes ``nn.Identity``:
+    :func:`~mmreparam.apis.pairs.fuse_conv_bn_pairs`; a BN before a conv only when the conv
+    has no padding). The ``state_dict`` keys change then (no BN entries, layer biases): a
+    deploy model that no longer loads into its upstream class. The pairs that the search
+    found but cannot fuse (the output is used elsewhere too, shared modules, a BN without
+    running statistics, a padded conv after the BN) and whose BN stays are named in the
+    same WARNING (or error, with ``strict``). Off by default: it changes the model's
+    structure and keys, and needs an input to run the model on.
+
     Args:
         model (nn.Module): The model.
         inplace (bool): Fold ``model`` itself instead of a deep copy. Defaults to False.
@@ -44,6 +60,12 @@ def fold(model: nn.Module, inplace: bool = False, strict: bool = False) -> nn.Mo
         strict (bool): Raise when something is left unfolded instead of warning. With
             ``inplace``, a copy is folded first, so that nothing is changed when it raises.
             Defaults to False.
+        fuse_bn (bool): Also fuse the conv -> BN pairs (see above). Defaults to False.
+        example_inputs (Tensor | tuple | dict, optional): What to run the model on for
+            ``fuse_bn`` (a tensor: one positional argument; a dict: keyword arguments).
+            None builds an image (or a neck's feature maps) from the model's structure
+            (:func:`~mmreparam.apis.pairs.example_inputs`), which fits a backbone or a
+            neck, not a detector. Defaults to None.
 
     Returns:
         nn.Module: The folded model (``model`` itself when ``inplace``, unless replaced).
@@ -54,7 +76,9 @@ def fold(model: nn.Module, inplace: bool = False, strict: bool = False) -> nn.Mo
         ValueError: ``model`` holds another library's module whose own fold is known to
             change its function (:func:`~mmreparam.models.layers.foreign.foreign_fold_problem`);
             nothing is folded then.
-        ForeignFoldError: ``strict`` and a foreign fold method raised.
+        ForeignFoldError: ``strict`` and a foreign fold method raised, or ``fuse_bn`` and
+            a conv -> BN pair cannot be fused.
+        ValueError: ``fuse_bn`` without ``example_inputs`` and no example input runs.
     """
     if not isinstance(model, nn.Module):
         hint = (': mmpretrain backbones\' train() (and so eval()) return None, so '
@@ -67,13 +91,15 @@ def fold(model: nn.Module, inplace: bool = False, strict: bool = False) -> nn.Mo
         if problem:
             raise ValueError(problem)
     if strict and inplace:
-        _fold_copy(copy.deepcopy(model), strict=True)  # raises before anything changes
+        # raises before anything changes
+        _fold_copy(copy.deepcopy(model), True, fuse_bn, example_inputs)
     if not inplace:
         model = copy.deepcopy(model)
-    return _fold_copy(model, strict)
+    return _fold_copy(model, strict, fuse_bn, example_inputs)
 
 
-def _fold_copy(model: nn.Module, strict: bool) -> nn.Module:
+def _fold_copy(model: nn.Module, strict: bool, fuse_bn: bool = False,
+               example_inputs: Any = None) -> nn.Module:
     """Fold ``model`` in place (see :func:`fold`); return the folded model."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -81,16 +107,31 @@ def _fold_copy(model: nn.Module, strict: bool) -> nn.Module:
     with torch.no_grad():
         folded, count = fold_module(model, '', failures)
         restore_upstream(folded)  # blocks put in by reparameterize(): upstream classes back
+    left: List[ConvBNPair] = []
+    fused = 0
+    if fuse_bn:
+        pairs, _ = search_pairs(folded, example_inputs, more=True)
+        fused_pairs = fuse_conv_bn_pairs(folded, pairs)
+        fused = len(fused_pairs)
+        left = unfused_pairs(pairs, fused_pairs)
     _restore_modes(folded, modes, modes[model])
-    if failures and strict:
-        raise ForeignFoldError(f'{len(failures)} module(s) of {type(model).__name__} cannot be '
-                               f'folded: {describe_failures(failures)}')
-    if failures:
-        print_log(f'mmreparam.fold: {len(failures)} module(s) of {type(model).__name__} left '
-                  f'unfolded (their own fold method failed; each is as it was): '
-                  f'{describe_failures(failures)}', logger='current', level=logging.WARNING)
-    print_log(f'mmreparam.fold: folded {count} module(s) of {type(model).__name__}',
-              logger='current')
+    name = type(model).__name__
+    unfolded = describe_failures(failures) if failures else ''
+    unfused = '; '.join(describe_pair(pair) for pair in left)
+    if strict and (failures or left):
+        raise ForeignFoldError('; '.join(
+            ([f'{len(failures)} module(s) of {name} cannot be folded: {unfolded}']
+             if failures else []) +
+            ([f'{len(left)} BN pair(s) of {name} cannot be fused: {unfused}']
+             if left else [])))
+    if failures or left:
+        print_log('mmreparam.fold: ' + '; '.join(
+            ([f'{len(failures)} module(s) of {name} left unfolded (their own fold method '
+              f'failed; each is as it was): {unfolded}'] if failures else []) +
+            ([f'{len(left)} BN pair(s) of {name} left unfused: {unfused}']
+             if left else [])), logger='current', level=logging.WARNING)
+    print_log(f'mmreparam.fold: folded {count} module(s) of {type(model).__name__}'
+              + (f', fused {fused} BN pair(s)' if fuse_bn else ''), logger='current')
     return folded
 
 

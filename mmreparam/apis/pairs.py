@@ -6,12 +6,13 @@ model once on an example input with module hooks (which module runs, what it ret
 ``TorchFunctionMode`` (every torch operation and the tensors it reads), not from attribute
 names: it works for mmcv's ``ConvModule``, for ``convN`` / ``normN`` attribute pairs
 (mmdet's ResNet family, RegNet, HRNet), ``nn.Sequential`` pairs and timm-style modules
-alike. :func:`mmreparam.reparameterize` turns the pairs into re-param blocks; a conv -> BN
-fusion can use the same search.
+alike. :func:`mmreparam.reparameterize` turns the pairs into re-param blocks;
+:func:`fuse_conv_bn_pairs` (``mmreparam.fold(..., fuse_bn=True)``) merges them into the conv.
 """
 import contextlib
+import copy
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..models.layers.base import Foldable, is_mmreparam
 from ..models.layers.norm import SyncBatchNorm as MMReparamSyncBN
+from ..registry import MODELS
 
 #: Tensor attributes and methods that read metadata only: calling them is not a use of the
 #: tensor's values.
@@ -50,18 +52,25 @@ def _plain_conv_forwards() -> Tuple[Any, ...]:
 
 @dataclass
 class ConvBNPair:
-    """A convolution whose output goes into a BatchNorm.
+    """A convolution whose output goes into a BatchNorm (or, with ``kind``, a linear layer
+    whose output goes into a BatchNorm, or a BatchNorm whose output goes into a conv or a
+    linear layer).
 
     Attributes:
-        conv (str): The convolution's path in the searched module (``named_modules``).
+        conv (str): The convolution's (or linear layer's) path in the searched module
+            (``named_modules``).
         norm (str): The BatchNorm's path.
-        problem (str, optional): Why the two cannot be merged (the conv's output is used
-            elsewhere as well, a module runs more than once, the BN has no running
+        problem (str, optional): Why the two cannot be merged (the first one's output is
+            used elsewhere as well, a module runs more than once, the BN has no running
             statistics, ...); None when they can.
+        kind (str): ``'conv-bn'`` (the default: the only kind unless
+            :func:`find_conv_bn_pairs` is asked for more), ``'linear-bn'``, ``'bn-conv'`` or
+            ``'bn-linear'``: which layer comes first.
     """
     conv: str
     norm: str
     problem: Optional[str] = None
+    kind: str = 'conv-bn'
 
     @property
     def mergeable(self) -> bool:
@@ -80,8 +89,11 @@ class _Tracer(TorchFunctionMode):
     """Records, during one forward pass, what each convolution returns, where each
     BatchNorm's input comes from, and every torch operation that reads a conv output."""
 
-    def __init__(self, root: nn.Module):
+    def __init__(self, root: nn.Module, more: bool = False):
         super().__init__()
+        self.more = more
+        self.layer_inputs: Dict[nn.Module, List[nn.Module]] = {}  # conv / linear -> BNs
+        self.ndims: Dict[nn.Module, int] = {}  # BN -> ndim of its input
         self.paths = {module: name for name, module in root.named_modules()}
         self.stack: List[nn.Module] = []
         self.calls: Dict[nn.Module, int] = {}
@@ -103,17 +115,25 @@ class _Tracer(TorchFunctionMode):
     def _enter(self, module: nn.Module, args) -> None:
         self.stack.append(module)
         self.calls[module] = self.calls.get(module, 0) + 1
-        if isinstance(module, _BatchNorm) and module not in self.skip and args:
-            source = self.outputs.get(id(args[0]))
-            if source is not None and source[1] is args[0]:
-                self.norm_inputs.setdefault(module, []).append(source[0])
+        if module in self.skip or not args:
+            return
+        source = self.outputs.get(id(args[0]))
+        if source is None or source[1] is not args[0]:
+            return
+        if isinstance(module, _BatchNorm) and isinstance(source[0], (nn.Conv2d, nn.Linear)):
+            self.norm_inputs.setdefault(module, []).append(source[0])
+        elif isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(source[0], _BatchNorm):
+            self.layer_inputs.setdefault(module, []).append(source[0])
 
     def _leave(self, module: nn.Module, args, output) -> None:
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
-        if isinstance(module, nn.Conv2d) and module not in self.skip \
+        kinds = (nn.Conv2d, nn.Linear, _BatchNorm) if self.more else nn.Conv2d
+        if isinstance(module, kinds) and module not in self.skip \
                 and isinstance(output, Tensor):
             self.outputs[id(output)] = (module, output)  # keeps the tensor (and its id) alive
+            if isinstance(module, _BatchNorm):
+                self.ndims[module] = output.dim()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -139,20 +159,39 @@ class _Tracer(TorchFunctionMode):
             handle.remove()
 
 
-def _conv_problem(conv: nn.Conv2d) -> Optional[str]:
+def _conv_problem(conv: nn.Module) -> Optional[str]:
+    if isinstance(conv, nn.Linear):
+        if type(conv).forward is not nn.Linear.forward:
+            return f'{type(conv).__name__} is not a plain linear layer (its own forward)'
+        return None
     if type(conv).forward not in _plain_conv_forwards():
         return f'{type(conv).__name__} is not a plain convolution (its own forward)'
     return None
 
 
-def _norm_problem(norm: _BatchNorm, conv: nn.Conv2d) -> Optional[str]:
+def _norm_problem(norm: _BatchNorm, conv: nn.Module, kind: str = 'conv-bn',
+                  ndim: int = 4) -> Optional[str]:
     if type(norm).forward not in _PLAIN_BN_FORWARDS:
         return f'{type(norm).__name__} is not a plain BatchNorm (its own forward)'
     if norm.running_mean is None or norm.running_var is None:
         return f'{type(norm).__name__} has no running statistics (track_running_stats=False)'
-    if norm.num_features != conv.out_channels:
-        return (f'{type(norm).__name__} has {norm.num_features} features for '
-                f'{conv.out_channels} conv outputs')
+    linear = isinstance(conv, nn.Linear)
+    if kind.startswith('bn'):
+        channels = conv.in_features if linear else conv.in_channels
+        what = 'inputs'
+    else:
+        channels = conv.out_features if linear else conv.out_channels
+        what = 'outputs'
+    if norm.num_features != channels:
+        return (f'{type(norm).__name__} has {norm.num_features} features for {channels} '
+                f'{"linear" if linear else "conv"} {what}')
+    if linear and ndim != 2:
+        return (f'the BatchNorm normalizes a {ndim}-d tensor along dim 1; the linear layer '
+                'acts on the last dim')
+    if kind == 'bn-conv' and any(conv.padding if isinstance(conv.padding, tuple)
+                                 else [conv.padding != 'valid']):
+        return ('the conv pads its input, and a BN folded into it would change the padded '
+                'values')
     return None
 
 
@@ -175,7 +214,8 @@ def call_module(module: nn.Module, inputs: Sequence[Any]) -> Any:
     return module(*inputs)
 
 
-def find_conv_bn_pairs(module: nn.Module, inputs: Sequence[Any]) -> List[ConvBNPair]:
+def find_conv_bn_pairs(module: nn.Module, inputs: Sequence[Any],
+                       more: bool = False) -> List[ConvBNPair]:
     """Find every convolution whose output goes into a BatchNorm, by running ``module``.
 
     ``module`` runs once on ``inputs`` in eval mode without gradients (its train/eval flags
@@ -190,12 +230,16 @@ def find_conv_bn_pairs(module: nn.Module, inputs: Sequence[Any]) -> List[ConvBNP
         module (nn.Module): Any model or part of one.
         inputs (Sequence | dict): Positional arguments of ``module`` (a backbone: one image
             batch), or a dict of keyword arguments.
+        more (bool): Also find ``nn.Linear`` -> BN pairs (the linear output 2-d: ``(N, C)``)
+            and BN -> conv / linear pairs (the BN the only user of its output; a conv
+            without padding, a linear layer on a 2-d input), by the same rules. Defaults to
+            False: conv -> BN pairs only (what :func:`mmreparam.reparameterize` takes).
 
     Returns:
         list[ConvBNPair]: Every conv -> BN connection found, mergeable or not, in the order
-        the convs ran.
+        the convs ran (the BN -> layer pairs after them, in the order the BNs ran).
     """
-    tracer = _Tracer(module)
+    tracer = _Tracer(module, more)
     try:
         with _eval_no_grad(module), tracer:
             output = call_module(module, inputs)
@@ -206,23 +250,257 @@ def find_conv_bn_pairs(module: nn.Module, inputs: Sequence[Any]) -> List[ConvBNP
     for norm, convs in tracer.norm_inputs.items():
         for conv in convs:
             problem = _pair_problem(tracer, conv, norm, len(convs))
-            pairs.append((conv, ConvBNPair(tracer.paths[conv], tracer.paths[norm], problem)))
+            kind = 'linear-bn' if isinstance(conv, nn.Linear) else 'conv-bn'
+            pairs.append((conv, ConvBNPair(tracer.paths[conv], tracer.paths[norm], problem,
+                                           kind)))
+    for layer, norms in tracer.layer_inputs.items():
+        for norm in norms:
+            kind = 'bn-linear' if isinstance(layer, nn.Linear) else 'bn-conv'
+            problem = _pair_problem(tracer, layer, norm, len(norms), kind)
+            pairs.append((norm, ConvBNPair(tracer.paths[layer], tracer.paths[norm], problem,
+                                           kind)))
     order = {conv: i for i, (conv, _) in enumerate(tracer.outputs.values())}
-    pairs.sort(key=lambda item: order.get(item[0], 0))
+    pairs.sort(key=lambda item: (item[1].kind.startswith('bn'), order.get(item[0], 0)))
     return [pair for _, pair in pairs]
 
 
-def _pair_problem(tracer: _Tracer, conv: nn.Conv2d, norm: _BatchNorm,
-                  sources: int) -> Optional[str]:
+def _pair_problem(tracer: _Tracer, conv: nn.Module, norm: _BatchNorm,
+                  sources: int, kind: Optional[str] = None) -> Optional[str]:
+    kind = kind or ('linear-bn' if isinstance(conv, nn.Linear) else 'conv-bn')
+    layer = 'linear layer' if isinstance(conv, nn.Linear) else 'conv'
     runs_conv, runs_norm = tracer.calls.get(conv, 0), tracer.calls.get(norm, 0)
     if runs_conv != 1 or runs_norm != 1 or sources != 1:
-        return (f'the conv runs {runs_conv} times and the BatchNorm {runs_norm} times in one '
-                'forward pass (shared modules)')
-    others = [what for what, stack in tracer.uses.get(conv, []) if norm not in stack]
+        return (f'the {layer} runs {runs_conv} times and the BatchNorm {runs_norm} times in '
+                'one forward pass (shared modules)')
+    first, second = (norm, conv) if kind.startswith('bn') else (conv, norm)
+    others = [what for what, stack in tracer.uses.get(first, []) if second not in stack]
     if others:
-        return (f'the conv\'s output is used elsewhere too ({", ".join(sorted(set(others)))}'
-                ')')
-    return _conv_problem(conv) or _norm_problem(norm, conv)
+        owner = 'BatchNorm' if kind.startswith('bn') else layer
+        return (f'the {owner}\'s output is used elsewhere too '
+                f'({", ".join(sorted(set(others)))})')
+    ndim = tracer.ndims.get(norm, 4)
+    return _conv_problem(conv) or _norm_problem(norm, conv, kind, ndim)
+
+
+def _first_conv(module: nn.Module) -> Optional[nn.Conv2d]:
+    return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _reference_tensor(module: nn.Module) -> Tensor:
+    tensor = next(module.parameters(), None)
+    return tensor if tensor is not None else torch.zeros(())
+
+
+def example_inputs(module: nn.Module, size: int = 64) -> List[Tuple[Any, ...]]:
+    """Candidate example inputs of a backbone or a neck, from its structure.
+
+    A module whose ``in_channels`` is a list (a neck: FPN, PAFPN, ...) gets one feature map
+    per entry, as one tuple argument, from ``max(2, size // 32)`` pixels for the last up to
+    twice that for each level before. Another (a backbone) gets a ``size x size`` image
+    batch of one with the input channels of its first convolution, its ``in_channels`` (an
+    int attribute; some backbones keep another meaning under that name), or 3 (a first
+    convolution may see a transformed image, as after YOLOX's Focus). Device and dtype
+    follow the module's parameters.
+
+    Returns:
+        list[tuple]: Positional arguments to try, in turn.
+    """
+    ref = _reference_tensor(module)
+    like = dict(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    in_channels = getattr(module, 'in_channels', None)
+    if isinstance(in_channels, (list, tuple)) and in_channels \
+            and all(isinstance(c, int) for c in in_channels):
+        smallest = max(2, size // 32)
+        count = len(in_channels)
+        sizes = [smallest * 2**(count - 1 - i) for i in range(count)]
+        return [(tuple(torch.randn(1, c, s, s, **like) for c, s in zip(in_channels, sizes)), )]
+    conv = _first_conv(module)
+    if conv is None:
+        raise ValueError(f'{type(module).__name__} has no nn.Conv2d: nothing to '
+                         're-parameterize')
+    channels = [conv.in_channels]
+    for more in (in_channels, 3):  # 3: an RGB image, when the first conv sees another input
+        if isinstance(more, int) and more not in channels:
+            channels.append(more)
+    return [(torch.randn(1, c, size, size, **like), ) for c in channels]
+
+
+def search_pairs(module: nn.Module, inputs: Any = None,
+                 sizes: Sequence[int] = (32, 64, 128, 256), more: bool = False
+                 ) -> Tuple[List[ConvBNPair], Any]:
+    """:func:`find_conv_bn_pairs` on ``inputs``, or, when None, on the first candidate of
+    :func:`example_inputs` (for each of ``sizes`` in turn) that runs.
+
+    Args:
+        module (nn.Module): The module to search.
+        inputs (Tensor | tuple | dict, optional): Its inputs (a tensor is one positional
+            argument). Defaults to None.
+        sizes (Sequence[int]): Example image sizes to try when ``inputs`` is None.
+        more (bool): See :func:`find_conv_bn_pairs`. Defaults to False.
+
+    Returns:
+        tuple[list[ConvBNPair], tuple | dict]: The pairs and the inputs they were found with.
+
+    Raises:
+        ValueError: ``inputs`` is None and no example input runs (or ``module`` has no
+            ``nn.Conv2d``).
+    """
+    if inputs is not None:
+        inputs = inputs if isinstance(inputs, (tuple, list, dict)) else (inputs, )
+        return find_conv_bn_pairs(module, inputs, more), inputs
+    errors = []
+    for size in sizes:
+        for inputs in example_inputs(module, size):
+            try:
+                return find_conv_bn_pairs(module, inputs, more), inputs
+            except Exception as err:  # noqa: BLE001 - another input may run; all fail below
+                errors.append(f'{size}px: {type(err).__name__}: {err}')
+    raise ValueError(f'could not run {type(module).__name__} on an example input to follow '
+                     f'its data ({"; ".join(errors)}); pass example_inputs=')
+
+
+def _bn_affine(norm: _BatchNorm) -> Tuple[Tensor, Tensor]:
+    """``(scale, shift)`` in float64: the BN's eval-mode function is ``x * scale + shift``
+    along dim 1."""
+    scale = (norm.running_var.double() + norm.eps).rsqrt()
+    shift = -norm.running_mean.double() * scale
+    if norm.affine:
+        scale = scale * norm.weight.double()
+        shift = shift * norm.weight.double() + norm.bias.double()
+    return scale, shift
+
+
+def _fused_weights(layer: nn.Module, norm: _BatchNorm, kind: str) -> Tuple[Tensor, Tensor]:
+    """The kernel and bias (float64) of ``layer`` with ``norm`` folded in, before
+    (``kind`` ``'bn-*'``) or after it."""
+    weight = layer.weight.double()
+    bias = layer.bias.double() if layer.bias is not None else weight.new_zeros(weight.shape[0])
+    scale, shift = _bn_affine(norm)
+    tail = [1] * (weight.dim() - 2)
+    if kind.startswith('bn'):  # W (a x + b) + c = (W a) x + (W b + c), per input channel
+        groups = getattr(layer, 'groups', 1)
+        per_group = weight.shape[1]
+        rows = torch.arange(weight.shape[0], device=weight.device) // (weight.shape[0] // groups)
+        scale = scale.reshape(groups, per_group)[rows].reshape(*weight.shape[:2], *tail)
+        shift = shift.reshape(groups, per_group)[rows].reshape(*weight.shape[:2], *tail)
+        return weight * scale, bias + (weight * shift).flatten(1).sum(1)
+    return weight * scale.reshape(-1, 1, *tail), bias * scale + shift
+
+
+def fuse_conv_bn_pairs(module: nn.Module, pairs: Sequence[ConvBNPair]) -> List[ConvBNPair]:
+    """Fuse each mergeable pair of ``module`` in place: the conv (or linear layer) gets the
+    BN's eval-mode affine map folded into its kernel and bias, the BN becomes
+    ``nn.Identity``.
+
+    A conv -> BN pair gives ``W' = W * g / sqrt(v + eps)``,
+    ``b' = beta + (b - m) * g / sqrt(v + eps)``; a BN -> layer pair (``kind`` ``'bn-conv'``,
+    ``'bn-linear'``) scales the layer's input channels and adds the kernel applied to the
+    BN's shift to the bias (exact only without padding, which the finder checks). Computed
+    in float64, stored in the layer's dtype. Conv -> BN pairs come first; a BN fused into
+    the layer before it is not fused again into the one after it. ``module`` computes its
+    eval-mode function as before; its ``state_dict`` keys change (the BN's entries are
+    gone, the layer has a ``bias``): the fused model is a deploy model, not one that loads
+    into its class's upstream config (:func:`build_fused_bn` builds one that does).
+
+    Args:
+        module (nn.Module): The module the pairs were found in (:func:`find_conv_bn_pairs`).
+        pairs (Sequence[ConvBNPair]): Its pairs; those with a ``problem`` are skipped.
+
+    Returns:
+        list[ConvBNPair]: The pairs fused.
+    """
+    fused, norms = [], set()
+    for pair in sorted(pairs, key=lambda p: p.kind.startswith('bn')):
+        if not pair.mergeable or pair.norm in norms:
+            continue
+        layer, norm = module.get_submodule(pair.conv), module.get_submodule(pair.norm)
+        with torch.no_grad():
+            weight, bias = _fused_weights(layer, norm, pair.kind)
+            grad = layer.weight.requires_grad
+            layer.weight = nn.Parameter(weight.to(layer.weight.dtype), requires_grad=grad)
+            layer.bias = nn.Parameter(bias.to(layer.weight.dtype), requires_grad=grad)
+        parent, _, name = pair.norm.rpartition('.')
+        identity = nn.Identity()
+        identity.training = norm.training
+        setattr(module.get_submodule(parent) if parent else module, name, identity)
+        fused.append(pair)
+        norms.add(pair.norm)
+    return fused
+
+
+def unfused_pairs(pairs: Sequence[ConvBNPair],
+                  fused: Sequence[ConvBNPair]) -> List[ConvBNPair]:
+    """The pairs that cannot be fused and whose BN was not fused in another pair either:
+    what is left that looked foldable."""
+    norms = {pair.norm for pair in fused}
+    return [pair for pair in pairs if not pair.mergeable and pair.norm not in norms]
+
+
+def describe_pair(pair: ConvBNPair) -> str:
+    """``'first -> second (problem)'``, the two paths in data order."""
+    first, second = (pair.norm, pair.conv) if pair.kind.startswith('bn') else \
+        (pair.conv, pair.norm)
+    return f'{first} -> {second}' + (f' ({pair.problem})' if pair.problem else '')
+
+
+def fused_structure(module: nn.Module, pairs: Sequence[Sequence[str]]) -> nn.Module:
+    """Give ``module`` the structure that :func:`fuse_conv_bn_pairs` leaves, in place: for
+    each ``(conv, norm)`` path pair (a conv or linear layer, either side of its BN), the BN
+    becomes ``nn.Identity`` and a layer without a bias gets a zero one. The weights are not
+    fused (that is what loading a fused ``state_dict`` does next): this builds the model
+    that a fused deploy checkpoint loads into.
+
+    Args:
+        module (nn.Module): The unfused model, built from its config.
+        pairs (Sequence[Sequence[str]]): ``(conv path, BN path)`` of each fused pair.
+
+    Returns:
+        nn.Module: ``module``.
+
+    Raises:
+        ValueError: A path names no convolution / BatchNorm of ``module``.
+    """
+    for conv_path, norm_path in pairs:
+        try:
+            conv, norm = module.get_submodule(conv_path), module.get_submodule(norm_path)
+        except AttributeError as exc:
+            raise ValueError(f'{type(module).__name__} has no fused pair {conv_path} -> '
+                             f'{norm_path} ({exc})') from None
+        if not isinstance(conv, (nn.Conv2d, nn.Linear)) or \
+                not isinstance(norm, (_BatchNorm, nn.Identity)):
+            raise ValueError(f'{conv_path} / {norm_path} of {type(module).__name__} is a '
+                             f'{type(conv).__name__} / {type(norm).__name__}, not a conv or '
+                             'linear layer and a BatchNorm')
+        if conv.bias is None:
+            conv.bias = nn.Parameter(conv.weight.new_zeros(conv.weight.shape[0]),
+                                     requires_grad=conv.weight.requires_grad)
+        parent, _, name = norm_path.rpartition('.')
+        setattr(module.get_submodule(parent) if parent else module, name, nn.Identity())
+    return module
+
+
+@MODELS.register_module(name='FusedBN')
+def build_fused_bn(model: dict, pairs: Sequence[Sequence[str]]) -> nn.Module:
+    """Build ``model`` through the registry and give it the fused structure of ``pairs``
+    (:func:`fused_structure`): the deploy config of a model whose conv -> BN pairs were
+    fused (``tools/fold.py --fuse-bn``), so that its ``deploy.pth`` loads strictly.
+
+    Registered as ``mmreparam.FusedBN``; returns the built model itself (no extra level in
+    the ``state_dict`` keys)::
+
+        model = dict(type='mmreparam.FusedBN', pairs=[['backbone.conv1', 'backbone.bn1']],
+                     model=dict(type='ImageClassifier', ...))
+
+    Args:
+        model (dict): The model's config (an unscoped type resolves in the default scope).
+        pairs (Sequence[Sequence[str]]): ``(conv path, BN path)`` of each fused pair.
+
+    Returns:
+        nn.Module: The built model, fused in structure.
+    """
+    if not isinstance(model, Mapping) or 'type' not in model:
+        raise ValueError(f'mmreparam.FusedBN needs model=dict(type=..., ...), got {model!r}')
+    return fused_structure(MODELS.build(copy.deepcopy(model)), pairs)
 
 
 def convmodule_pairs(module: nn.Module) -> List[ConvBNPair]:
@@ -252,4 +530,7 @@ def convmodule_pairs(module: nn.Module) -> List[ConvBNPair]:
     return pairs
 
 
-__all__ = ['ConvBNPair', 'find_conv_bn_pairs', 'convmodule_pairs', 'call_module']
+__all__ = ['ConvBNPair', 'find_conv_bn_pairs', 'convmodule_pairs', 'call_module',
+           'example_inputs', 'search_pairs', 'fuse_conv_bn_pairs', 'fused_structure',
+           'unfused_pairs', 'describe_pair',
+           'build_fused_bn']

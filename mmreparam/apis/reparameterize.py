@@ -27,7 +27,7 @@ from ..models.layers.fuse import Affine
 from ..registry import MODELS
 from ..utils import without_pretrained
 from .fold import fold_error
-from .pairs import ConvBNPair, convmodule_pairs, find_conv_bn_pairs
+from .pairs import ConvBNPair, _reference_tensor, convmodule_pairs, example_inputs, search_pairs
 from .surgery import install_pair
 
 #: The largest relative difference the check accepts between the input module and the
@@ -77,65 +77,6 @@ class ReparamReport:
             line += '; left plain: ' + '; '.join(f'{", ".join(paths)} ({reason})'
                                                  for reason, paths in by_reason.items())
         return line
-
-
-def _first_conv(module: nn.Module) -> Optional[nn.Conv2d]:
-    return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
-
-
-def _reference_tensor(module: nn.Module) -> Tensor:
-    tensor = next(module.parameters(), None)
-    return tensor if tensor is not None else torch.zeros(())
-
-
-def example_inputs(module: nn.Module, size: int = 64) -> List[Tuple[Any, ...]]:
-    """Candidate example inputs of a backbone or a neck, from its structure.
-
-    A module whose ``in_channels`` is a list (a neck: FPN, PAFPN, ...) gets one feature map
-    per entry, as one tuple argument, from ``max(2, size // 32)`` pixels for the last up to
-    twice that for each level before. Another (a backbone) gets a ``size x size`` image
-    batch of one with the input channels of its first convolution, its ``in_channels`` (an
-    int attribute; some backbones keep another meaning under that name), or 3 (a first
-    convolution may see a transformed image, as after YOLOX's Focus). Device and dtype
-    follow the module's parameters.
-
-    Returns:
-        list[tuple]: Positional arguments to try, in turn.
-    """
-    ref = _reference_tensor(module)
-    like = dict(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-    in_channels = getattr(module, 'in_channels', None)
-    if isinstance(in_channels, (list, tuple)) and in_channels \
-            and all(isinstance(c, int) for c in in_channels):
-        smallest = max(2, size // 32)
-        count = len(in_channels)
-        sizes = [smallest * 2**(count - 1 - i) for i in range(count)]
-        return [(tuple(torch.randn(1, c, s, s, **like) for c, s in zip(in_channels, sizes)), )]
-    conv = _first_conv(module)
-    if conv is None:
-        raise ValueError(f'{type(module).__name__} has no nn.Conv2d: nothing to '
-                         're-parameterize')
-    channels = [conv.in_channels]
-    for more in (in_channels, 3):  # 3: an RGB image, when the first conv sees another input
-        if isinstance(more, int) and more not in channels:
-            channels.append(more)
-    return [(torch.randn(1, c, size, size, **like), ) for c in channels]
-
-
-def _search(module: nn.Module, inputs, sizes: Sequence[int]):
-    """The pairs, and the inputs they were found with (the first candidate that runs)."""
-    if inputs is not None:
-        inputs = inputs if isinstance(inputs, (tuple, list, dict)) else (inputs, )
-        return find_conv_bn_pairs(module, inputs), inputs
-    errors = []
-    for size in sizes:
-        for inputs in example_inputs(module, size):
-            try:
-                return find_conv_bn_pairs(module, inputs), inputs
-            except Exception as err:  # noqa: BLE001 - another input may run; all fail below
-                errors.append(f'{size}px: {type(err).__name__}: {err}')
-    raise ValueError(f'could not run {type(module).__name__} on an example input to follow '
-                     f'its data ({"; ".join(errors)}); pass example_inputs=')
 
 
 def _block_type_problem(name: str, conv: nn.Conv2d) -> Tuple[Optional[type], Optional[str]]:
@@ -276,7 +217,7 @@ def reparameterize(module: nn.Module,
     """
     name, block_args = parse_reparam(reparam)
     try:
-        pairs, inputs = _search(module, example_inputs, input_sizes)
+        pairs, inputs = search_pairs(module, example_inputs, input_sizes)
     except ValueError as err:
         pairs, inputs = convmodule_pairs(module), None
         if example_inputs is not None or not pairs:

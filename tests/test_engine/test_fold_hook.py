@@ -571,3 +571,54 @@ def test_a_full_work_dir_is_not_proposed_again(image_folder, tmp_path, monkeypat
     error, = records.lines(logging.ERROR)
     assert error.endswith(f'redo it with: python tools/fold.py CONFIG {tmp_path / "iter_4.pth"}'
                           f' OUT_DIR (a folder that can be written, not {tmp_path})')
+
+
+def test_fold_tool_fuse_bn_writes_a_pair_that_loads_and_tests(image_folder, tmp_path, capfd,
+                                                              monkeypatch):
+    """tools/fold.py --fuse-bn: all 20 conv -> BN pairs of the folded ResNet-18 are fused, the
+    fold check measures the fused model, and the deploy pair (mmreparam.FusedBN config)
+    loads strictly and runs with the upstream tools/test.py."""
+    import sys
+
+    from mmreparam.cli.model import build_model, load_weights
+    from mmreparam.cli.toolbox import run_upstream_tool
+    cfg = classifier_cfg(image_folder, tmp_path / 'work', max_iters=2)
+    run_training(config_file(cfg, tmp_path))
+    out = tmp_path / 'out'
+    status = fold_tool().main([str(tmp_path / 'cfg.py'), str(tmp_path / 'work' / 'iter_2.pth'),
+                               str(out), '--fuse-bn'])
+    printed = capfd.readouterr().out
+    assert status == 0, printed
+    assert 'fused 20 BN pair(s)' in printed and 'unfused' not in printed, printed
+    ckpt = torch.load(out / 'deploy.pth', weights_only=True)
+    state, meta = ckpt['state_dict'], ckpt['meta']
+    assert meta['fold_check']['status'] == 'passed'
+    assert meta['fold_error']['max_rel'] < 1e-5
+    assert meta['deploy_form'] == 'mmreparam' and '--fuse-bn' in meta['deploy_form_why']
+    assert not any('bn' in k or 'downsample.1' in k for k in state), list(state)[:10]
+    deploy_cfg = Config.fromfile(str(out / 'deploy_config.py'))
+    assert deploy_cfg.model.type == 'mmreparam.FusedBN'
+    model = build_model(deploy_cfg)
+    load_weights(model, str(out / 'deploy.pth'))  # strict: every key matches
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for m in model.modules())
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+    capfd.readouterr()
+    run_upstream_tool('test.py', [str(out / 'deploy_config.py'), str(out / 'deploy.pth'),
+                                  '--work-dir', str(tmp_path / 'test')])
+    assert 'accuracy/top1' in capfd.readouterr().out
+
+
+def test_fold_tool_fuse_bn_without_a_test_batch(image_folder, tmp_path, capsys):
+    """--fuse-bn needs the test batch to find the pairs: one error line, nothing written."""
+    cfg = classifier_cfg(image_folder, tmp_path / 'work', max_iters=2)
+    run_training(config_file(cfg, tmp_path))
+    out = tmp_path / 'out'
+    status = fold_tool().main([str(tmp_path / 'cfg.py'), str(tmp_path / 'work' / 'iter_2.pth'),
+                               str(out), '--fuse-bn', '--cfg-options',
+                               f'test_dataloader.dataset.data_root={tmp_path / "missing"}'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and '--fuse-bn runs the model on the first test ' \
+        'batch' in err[0] and 'nothing was written' in err[0], err
+    assert deploy_files(out) == []
