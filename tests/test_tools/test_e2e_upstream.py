@@ -12,13 +12,11 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from test_e2e import ROOT, tool
 
 DET_CFG = '''
