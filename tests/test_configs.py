@@ -41,4 +41,13 @@ def test_config_builds_and_runs(path):
     assert out is not None
     # The deploy config of each builds the folded structure.
     dcfg = deploy_config(cfg)
-    assert dcfg.model.backbone.deploy is True
+    if cfg.model.backbone.type == 'mmreparam.Reparameterized':
+        # A wrapped upstream module folds back into that module: its config, no Pretrained.
+        for part in ('backbone', 'neck'):
+            wrapped = cfg.model.get(part)
+            if wrapped and wrapped.type == 'mmreparam.Reparameterized':
+                assert dcfg.model[part].type == wrapped.module.type
+                assert 'Pretrained' not in str(dcfg.model[part].get('init_cfg'))
+        assert 'mmreparam' not in str(dcfg.model)
+    else:
+        assert dcfg.model.backbone.deploy is True
