@@ -2,9 +2,9 @@
 
 For the configs/demo RTMDet-tiny (OREPA in the CSPNeXt backbone and the PAFPN neck) and
 BiSeNetV2 (OREPA in the backbone): a few iterations with tools/train.py on a small generated
-data set (96-pixel images), FoldHook writes the upstream deploy pair, and the upstream toolbox tests it
-in a process where mmreparam cannot be imported (an import hook refuses it, and the process
-checks ``sys.modules`` at its end). Its metrics and predictions equal those of the
+data set (96-pixel images), FoldHook writes the upstream deploy pair, and the upstream
+toolbox tests it in a process where mmreparam cannot be imported (an import hook refuses it,
+and the process checks ``sys.modules`` at its end). Its metrics and predictions equal those of the
 train-time checkpoint tested with tools/test.py.
 """
 import json
