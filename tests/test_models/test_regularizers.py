@@ -341,6 +341,9 @@ def runner_of_wrapped(tmp_path, model_config):
     cfg = Config.fromfile(str(tmp_path / 'wrapped.py'))
     assert 'data_preprocessor' in cfg and 'data_preprocessor' not in cfg.model
     cfg.work_dir = str(tmp_path / 'work')
+    # A unique experiment name: mmengine keys its DefaultScope by it (file name + a timestamp
+    # in seconds), so two tests within one second would share the first one's scope.
+    cfg.experiment_name = tmp_path.name
     return Runner.from_cfg(cfg)  # adds cfg.data_preprocessor to the wrapper's dict
 
 
