@@ -8,12 +8,15 @@ type, :func:`mmreparam.reparameterize` and :func:`mmreparam.fold` are run and me
 - exp. err: relative output difference of the re-parameterized model against the plain one
   (eval mode, float32, randomized BN statistics);
 - fold err: of the folded model against the re-parameterized one, after every branch was
-  switched on (randomized branch scales and BNs);
+  switched on (randomized branch scales and BNs), in float32 and in float64;
 - load err: of a fresh upstream model, into which the folded state_dict loaded with
   ``strict=True``, against the re-parameterized one;
+- grads: parameters of the new blocks that got a finite gradient in a training step / the
+  blocks' trainable parameters (a switched-off branch gets its gradient through its scale);
 - params: trainable parameters of the re-parameterized model / of the upstream model;
 - step x: CPU time of one training step (forward and backward, batch 2) of the
-  re-parameterized model over that of the plain one (median of ``--steps``).
+  re-parameterized model over that of the plain one: the two models' steps alternate (so
+  both see the same machine load) and the medians of ``--steps`` steps each are divided.
 
 The table goes to stdout and, with ``--out``, to a Markdown file (rewritten atomically after
 each row).
@@ -30,6 +33,7 @@ from mmengine.registry import MODELS
 
 import mmreparam
 from mmreparam.fileio import atomic_write
+from mmreparam.models.layers import ReparamBlock
 from mmreparam.testing import randomize_bn, randomize_parameters
 
 REPARAMS = ('OREPA', 'DBB', 'ACB', 'RepVGG')
@@ -75,7 +79,8 @@ def parse_args(argv=None):
                         help=f'rows (default: all): {list(BACKBONES)}')
     parser.add_argument('--reparams', nargs='+', default=list(REPARAMS), help='block types')
     parser.add_argument('--size', type=int, default=64, help='input size (default 64)')
-    parser.add_argument('--steps', type=int, default=3, help='timed training steps')
+    parser.add_argument('--steps', type=int, default=5,
+                        help='timed training steps of each model (default 5)')
     parser.add_argument('--out', help='write the Markdown table here as well')
     args = parser.parse_args(argv)
     unknown = [name for name in args.backbones if name not in BACKBONES]
@@ -103,17 +108,38 @@ def max_rel(a, b, x):
                for p, q in zip(outputs(a, x), outputs(b, x)))
 
 
-def step_time(model, x, steps):
-    model.train()
-    times = []
+def train_step(model, x):
+    """One forward and backward pass; returns its time in seconds."""
+    start = time.perf_counter()
+    loss = sum(o.float().square().mean() for o in outputs(model, x))
+    loss.backward()
+    return time.perf_counter() - start
+
+
+def step_ratio(plain, rep, x, steps):
+    """Median training-step time of ``rep`` over that of ``plain``, their steps alternating."""
+    times = {id(plain): [], id(rep): []}
+    for model in (plain, rep):
+        model.train()
     for i in range(steps + 1):
-        start = time.perf_counter()
-        loss = sum(o.float().square().mean() for o in outputs(model, x))
-        loss.backward()
-        if i:  # the first one warms up
-            times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    return statistics.median(times)
+        for model in ((plain, rep) if i % 2 else (rep, plain)):
+            elapsed = train_step(model, x)
+            if i:  # the first step of each warms up
+                times[id(model)].append(elapsed)
+            model.zero_grad(set_to_none=True)
+    return statistics.median(times[id(rep)]) / statistics.median(times[id(plain)])
+
+
+def block_grads(rep, x):
+    """``with / of``: the blocks' trainable parameters with a finite gradient after a step."""
+    rep.train()
+    rep.zero_grad(set_to_none=True)
+    train_step(rep, x)
+    params = [p for m in rep.modules() if isinstance(m, ReparamBlock)
+              for p in m.parameters() if p.requires_grad]
+    with_grad = sum(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params)
+    rep.zero_grad(set_to_none=True)
+    return f'{with_grad}/{len(params)}'
 
 
 def params(model):
@@ -133,34 +159,36 @@ def measure(cfg, reparam, size, steps):
     plain = randomize_bn(build(cfg), seed=1)
     x = torch.randn(2, 3, size, size)
     rep = mmreparam.reparameterize(plain, reparam)
+    rep64 = copy.deepcopy(rep).double()
     report = rep.reparam_report
     row = dict(pairs=f'{len(report.converted)}/{report.eligible} of '
                f'{len(report.converted) + len(report.left_plain)}',
-               exp=max_rel(plain, rep, x))
-    plain_time = step_time(plain, x, steps)
-    rep_time = step_time(rep, x, steps)
-    randomize_parameters(rep, ('vector', 'idconv1.weight'), seed=2)
-    randomize_bn(rep, seed=3)
-    folded = mmreparam.fold(rep)
-    row['fold'] = max_rel(rep, folded, x)
+               exp=max_rel(plain, rep, x), grads=block_grads(rep, x),
+               step=step_ratio(plain, rep, x, steps))
+    for model, dtype in ((rep64, torch.float64), (rep, torch.float32)):
+        randomize_parameters(model, ('vector', 'idconv1.weight'), seed=2)
+        randomize_bn(model, seed=3)
+        folded = mmreparam.fold(model)
+        row[f'fold_{dtype}'] = max_rel(model, folded, x.to(dtype))
     fresh = build(cfg)
     fresh.load_state_dict(folded.state_dict(), strict=True)
     row.update(load=max_rel(rep, fresh, x), params=f'{params(rep) / 1e6:.2f}M / '
-               f'{params(fresh) / 1e6:.2f}M', step=rep_time / plain_time,
-               reasons=reasons(report))
+               f'{params(fresh) / 1e6:.2f}M', reasons=reasons(report))
     return row
 
 
 HEADER = ('| backbone | reparam | pairs converted/eligible of found | exp. err | fold err | '
-          'load err | params train / deploy | step x | left plain |\n'
-          '|---|---|---|---|---|---|---|---|---|')
+          'fold err fp64 | load err | grads | params train / deploy | step x | left plain |\n'
+          '|---|---|---|---|---|---|---|---|---|---|---|')
 
 
 def format_row(name, reparam, row):
     if 'error' in row:
-        return f'| {name} | {reparam} | failed: {row["error"]} | | | | | | |'
-    return (f'| {name} | {reparam} | {row["pairs"]} | {row["exp"]:.1e} | {row["fold"]:.1e} '
-            f'| {row["load"]:.1e} | {row["params"]} | {row["step"]:.2f} | {row["reasons"]} |')
+        return f'| {name} | {reparam} | failed: {row["error"]} |' + ' |' * 8
+    return (f'| {name} | {reparam} | {row["pairs"]} | {row["exp"]:.1e} '
+            f'| {row["fold_torch.float32"]:.1e} | {row["fold_torch.float64"]:.1e} '
+            f'| {row["load"]:.1e} | {row["grads"]} | {row["params"]} | {row["step"]:.2f} '
+            f'| {row["reasons"]} |')
 
 
 def write_table(path, lines, args):
