@@ -130,8 +130,8 @@ class ReparamBlock(BaseModule):
     default_kernel_size: Optional[int] = None
     #: ``act_cfg`` when none is given.
     default_act_cfg: OptConfigType = None
-    #: Keys of the block's state_dict that identify its train-time form (empty: the type is
-    #: never recognised from a state_dict).
+    #: tuple[str, ...]: Keys of the block's state_dict that identify its train-time form
+    #: (empty: the type is never recognised from a state_dict).
     state_markers: Tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
