@@ -27,6 +27,7 @@ each row).
 """
 import argparse
 import copy
+import shlex
 import statistics
 import sys
 import time
@@ -201,11 +202,11 @@ def format_row(name, reparam, row):
             f'| {row["reasons"]} |')
 
 
-def write_table(path, lines, args):
+def write_table(path, lines, args, argv):
     """Write the table so far (atomically: a reader sees the old or the new file)."""
+    command = shlex.join(['python', 'tools/reparam_table.py', *argv])
     text = (f'CPU ({torch.get_num_threads()} thread(s)), input {args.size}x{args.size}, '
-            f'batch 2, torch {torch.__version__}: '
-            f'`python tools/reparam_table.py --size {args.size} --steps {args.steps}`\n\n'
+            f'batch 2, torch {torch.__version__}: `{command}`\n\n'
             + '\n'.join(lines) + '\n')
 
     def write(tmp):
@@ -216,6 +217,7 @@ def write_table(path, lines, args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     lines = [HEADER]
     print(HEADER, flush=True)
@@ -228,7 +230,7 @@ def main(argv=None):
             lines.append(format_row(name, reparam, row))
             print(lines[-1], flush=True)
             if args.out:  # after each row: a long run leaves what it measured
-                write_table(args.out, lines, args)
+                write_table(args.out, lines, args, argv)
     return 0
 
 
