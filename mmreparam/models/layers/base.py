@@ -3,7 +3,18 @@ import contextlib
 import copy
 import itertools
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Protocol, Tuple, Type, runtime_checkable
+from typing import (
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Protocol,
+    Tuple,
+    Type,
+    runtime_checkable,
+)
 
 import torch
 import torch.nn as nn
@@ -51,6 +62,40 @@ def put_bn(state: Dict[str, Tensor], prefix: str, bn: _BatchNorm,
     """Set the BN at ``prefix`` in ``state`` to ``affine``; None switches it off (it outputs
     zero in eval mode)."""
     put(state, prefix, zero_bn_state(bn) if affine is None else bn_state(affine, bn))
+
+
+def replace_branches(module: nn.Module, name: str, equivalent: Callable[[], Tuple[Tensor, Tensor]],
+                     build: Callable[..., nn.Module], *, delete: Iterable[str] = (),
+                     clear: Iterable[str] = ()) -> None:
+    """The fold's module surgery: put one layer holding the branches' equivalent weight and
+    bias in the place of the training-time branches, in place.
+
+    ``build(device=, dtype=)`` makes the layer (a conv or linear layer with bias) on the
+    device and dtype of ``equivalent()``'s weight; the weight and bias are copied into it
+    outside inference mode and without autograd, so that a fold works under
+    ``torch.no_grad`` and ``torch.inference_mode`` and the new parameters are ordinary
+    tensors (a folded model can still be trained). Then the attributes ``delete`` are
+    deleted, the layer is set as ``name`` and the attributes ``clear`` are set to None.
+
+    Args:
+        module (nn.Module): The block being folded.
+        name (str): The attribute that holds the new layer.
+        equivalent (callable): Returns the layer's weight and bias (read before anything is
+            removed).
+        build (callable): Makes the layer, given ``device`` and ``dtype``.
+        delete (Iterable[str]): Attributes (branches, parameters, buffers) to delete.
+        clear (Iterable[str]): Attributes to set to None after the new layer is in place.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        weight, bias = equivalent()
+        layer = build(device=weight.device, dtype=weight.dtype)
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    for attr in list(delete):
+        delattr(module, attr)
+    setattr(module, name, layer)
+    for attr in clear:
+        setattr(module, attr, None)
 
 
 #: The default of ``act_cfg``: the block class's :attr:`ReparamBlock.default_act_cfg`.
@@ -344,17 +389,10 @@ class ReparamBlock(BaseModule):
         """
         if self.reparam_conv is not None:
             return self
-        with torch.inference_mode(False), torch.no_grad():
-            kernel, bias = self.get_equivalent_kernel_bias()
-            conv = self._new_reparam_conv(device=kernel.device, dtype=kernel.dtype)
-            conv.weight.copy_(kernel)
-            conv.bias.copy_(bias)
-        for name in list(self._modules):
-            if name not in self._kept_on_fold:
-                delattr(self, name)
-        for name in list(self._parameters) + list(self._buffers):
-            delattr(self, name)
-        self.reparam_conv = conv
+        branches = [name for name in self._modules if name not in self._kept_on_fold]
+        replace_branches(self, 'reparam_conv', self.get_equivalent_kernel_bias,
+                         self._new_reparam_conv,
+                         delete=branches + list(self._parameters) + list(self._buffers))
         return self
 
     def extra_repr(self) -> str:
