@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..models.layers.base import Foldable, is_mmreparam
+from ..models.layers.base import Foldable
 from ..models.layers.norm import SyncBatchNorm as MMReparamSyncBN
 from ..registry import MODELS
 
@@ -106,7 +106,7 @@ class _Tracer(TorchFunctionMode):
         for module in root.modules():
             if module in skip:
                 continue
-            if is_mmreparam(module) and isinstance(module, Foldable):
+            if isinstance(module, Foldable):
                 skip.update(m for m in module.modules() if m is not module)
             self.handles.append(module.register_forward_pre_hook(self._enter))
             self.handles.append(module.register_forward_hook(self._leave))
@@ -515,7 +515,7 @@ def convmodule_pairs(module: nn.Module) -> List[ConvBNPair]:
     pairs = []
     for name, m in module.named_modules():
         if not isinstance(m, ConvModule) or not m.with_norm or any(
-                is_mmreparam(p) and isinstance(p, Foldable) for p in (m.conv, m.norm)):
+                isinstance(p, Foldable) for p in (m.conv, m.norm)):
             continue
         order = list(m.order)
         if order.index('norm') != order.index('conv') + 1 or not isinstance(m.norm, _BatchNorm):

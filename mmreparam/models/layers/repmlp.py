@@ -40,7 +40,7 @@ def _size2(value: Size2, name: str, owner: str) -> Tuple[int, int]:
     return pair
 
 
-class PartitionGlobalPerceptron(nn.Module):
+class PartitionGlobalPerceptron(nn.Module, Foldable):
     """RepMLP's global perceptron (arXiv 2105.01883, Sec. 3.2).
 
     The mean of every ``h x w`` partition of every channel goes through a BatchNorm and a
@@ -132,7 +132,7 @@ class ChannelGlobalPerceptron(nn.Module):
 
 
 @MODELS.register_module()
-class RepMLPBlock(BaseModule):
+class RepMLPBlock(BaseModule, Foldable):
     """RepMLP block (arXiv 2105.01883): global, partition and local perceptrons.
 
     The input is cut into ``h x w`` partitions. The partition perceptron ``fc3`` is a
