@@ -2,23 +2,101 @@
 of its passes (torch operators, and the compiled CPU extension)."""
 import logging
 import os
+from typing import Optional
 
 import pytest
 import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from mmreparam.models.layers import OREPA, OREPA1x1, OREPAVGGBlock, orepa_function
 from mmreparam.models.layers.fuse import dw_pw_to_full, merge_1x1_kxk
 from mmreparam.models.layers.orepa_function import (
     CPUPasses,
-    OREPA1x1KernelFunction,
-    OREPAKernelFunction,
     TorchPasses,
+    orepa_1x1_kernel,
+    orepa_1x1_kernel_grads,
+    orepa_kernel,
+    orepa_kernel_grads,
     passes_for,
 )
 from mmreparam.testing import literal_orepa_kernel, randomize_parameters
 
 F64 = torch.float64
 PASSES = [TorchPasses, CPUPasses]
+
+
+class OREPAKernelFunction(torch.autograd.Function):
+    """:func:`~mmreparam.models.layers.orepa_function.orepa_kernel` and its hand-written
+    backward as one autograd node for one generator (the library runs them batched, in
+    ``OREPABatchKernelFunction``): ``K = v0*W + sum_q vq * (Cq (x) Pq) + v3 * (E (x) D) +
+    v_dwpw * (PW (x) DW)``.
+
+    Shapes (``o`` outputs, ``g`` groups, ``ig``/``og``/``mg`` per-group input/output/internal
+    channels, ``m`` mult of the depthwise branch, ``kk = k * k``):
+
+    - ``origin`` ``(o, ig, k, k)`` and ``v_origin`` ``(o,)``: the plain ``kxk`` branch;
+    - ``coef`` ``(o, p, ig)``, ``v_coef`` ``(p, o)`` and ``pattern`` ``(o, p, kk)`` (no
+      gradient): ``p`` branches that are a ``1x1`` weight (scaled per output channel) times a
+      fixed per-channel ``kxk`` pattern (average, prior, centre);
+    - ``conv2`` ``(o, mg, k, k)``, ``conv1`` ``(g * mg, ig)`` and ``v_seq`` ``(o,)``: the
+      ``1x1 -> kxk`` branch;
+    - ``pw`` ``(o, ig * m)``, ``dw`` ``(g * ig * m, kk)`` and ``v_dwpw`` ``(o,)``: the depthwise
+      ``kxk -> 1x1`` branch;
+    - ``passes``: :class:`TorchPasses` or :class:`CPUPasses`; None picks by device and dtype
+      (:func:`passes_for`).
+
+    Returns the ``(o, ig, k, k)`` kernel. The forward ``1x1 -> kxk`` product reads ``conv2``
+    in place (a ``(kk, mg) @ (mg, ig)`` product per output channel); the backward products
+    are one GEMM per group each, on ``(og * kk, ...)`` operands. ``B`` generators of one
+    shape with ``g`` groups each are one generator with ``B * g`` groups whose tensors are
+    theirs concatenated along the outputs (:class:`OREPABatchKernelFunction`).
+    """
+
+    @staticmethod
+    def forward(ctx, origin: Tensor, v_origin: Tensor, coef: Tensor, v_coef: Tensor,
+                pattern: Tensor, conv2: Tensor, conv1: Tensor, v_seq: Tensor, pw: Tensor,
+                dw: Tensor, v_dwpw: Tensor, groups: int,
+                passes: Optional[type] = None) -> Tensor:
+        passes = passes or passes_for(origin)
+        tensors = (origin, v_origin, coef, v_coef, pattern, conv2, conv1, v_seq, pw, dw,
+                   v_dwpw)
+        ctx.groups, ctx.passes = groups, passes
+        ctx.save_for_backward(*tensors)
+        return orepa_kernel(passes, *tensors, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        return orepa_kernel_grads(ctx.passes, ctx.needs_input_grad[:11], grad,
+                                  *ctx.saved_tensors, ctx.groups) + (None, None)
+
+
+class OREPA1x1KernelFunction(torch.autograd.Function):
+    """:func:`~mmreparam.models.layers.orepa_function.orepa_1x1_kernel` and its hand-written
+    backward as one autograd node: ``K = v0 * W + v1 * (C2 @ C1)``, the kernels of a batch of
+    OREPA ``1x1`` blocks.
+
+    ``W`` is ``(b, o, i)``, ``C2`` ``(b, o, m)``, ``C1`` ``(b, m, i)``, ``v0`` and ``v1``
+    ``(b * o,)`` for ``b`` blocks (one block: ``b = 1``); ``passes`` as
+    :class:`OREPAKernelFunction`. Returns the ``(b, o, i)`` kernels. The per-row scales are
+    applied to the product's output and, in the backward pass, to whichever GEMM operand
+    is smaller, so no scaled copy of a weight is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, origin: Tensor, v_origin: Tensor, conv2: Tensor, conv1: Tensor,
+                v_product: Tensor, passes: Optional[type] = None) -> Tensor:
+        passes = passes or passes_for(origin)
+        ctx.passes = passes
+        ctx.save_for_backward(origin, v_origin, conv2, conv1, v_product)
+        return orepa_1x1_kernel(passes, origin, v_origin, conv2, conv1, v_product)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        return orepa_1x1_kernel_grads(ctx.passes, ctx.needs_input_grad[:5], grad,
+                                      *ctx.saved_tensors) + (None, )
 
 
 def test_extension_is_built():
