@@ -34,7 +34,8 @@ def _scale_shift(mean: Tensor, var: Tensor, eps: float, weight: Optional[Tensor]
     return scale, shift - mean * scale
 
 
-def bn_scale_shift(bn: _BatchNorm, bias: Optional[Tensor] = None) -> KernelBias:
+def bn_scale_shift(bn: _BatchNorm, bias: Optional[Tensor] = None,
+                   dtype: Optional[torch.dtype] = None) -> KernelBias:
     """An eval-mode BatchNorm as a per-channel affine map: ``BN(y + bias) = y * scale + shift``.
 
     ``scale = gamma / std`` and ``shift = beta - (mean - bias) * scale`` with
@@ -45,9 +46,11 @@ def bn_scale_shift(bn: _BatchNorm, bias: Optional[Tensor] = None) -> KernelBias:
         bn (_BatchNorm): The BatchNorm.
         bias (Tensor, optional): A per-channel bias added before the BN (a convolution's).
             Defaults to None (zero).
+        dtype (torch.dtype, optional): Compute in this dtype (e.g. float64 for a float32
+            BN). Defaults to None: the BN's.
 
     Returns:
-        tuple[Tensor, Tensor]: ``scale`` and ``shift``, ``(C,)`` in the BN's dtype.
+        tuple[Tensor, Tensor]: ``scale`` and ``shift``, ``(C,)``.
 
     Raises:
         ValueError: The BN keeps no running statistics (``track_running_stats=False``).
@@ -55,9 +58,14 @@ def bn_scale_shift(bn: _BatchNorm, bias: Optional[Tensor] = None) -> KernelBias:
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f'{type(bn).__name__} has no running statistics '
                          '(track_running_stats=False): it has no eval-mode function to fold')
-    mean = bn.running_mean if bias is None else bn.running_mean - bias
-    return _scale_shift(mean, bn.running_var, bn.eps, bn.weight if bn.affine else None,
-                        bn.bias if bn.affine else None)
+    mean, var = bn.running_mean, bn.running_var
+    weight, beta = (bn.weight, bn.bias) if bn.affine else (None, None)
+    if dtype is not None:
+        mean, var, weight, beta, bias = (None if t is None else t.to(dtype)
+                                         for t in (mean, var, weight, beta, bias))
+    if bias is not None:
+        mean = mean - bias
+    return _scale_shift(mean, var, bn.eps, weight, beta)
 
 
 def fuse_bn(kernel: Tensor, bn: _BatchNorm, bias: Optional[Tensor] = None) -> KernelBias:
