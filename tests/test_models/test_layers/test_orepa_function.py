@@ -28,29 +28,12 @@ PASSES = [TorchPasses, CPUPasses]
 
 class OREPAKernelFunction(torch.autograd.Function):
     """:func:`~mmreparam.models.layers.orepa_function.orepa_kernel` and its hand-written
-    backward as one autograd node for one generator (the library runs them batched, in
-    ``OREPABatchKernelFunction``): ``K = v0*W + sum_q vq * (Cq (x) Pq) + v3 * (E (x) D) +
-    v_dwpw * (PW (x) DW)``.
+    backward (``orepa_kernel_grads``) as one autograd node for one generator, the way the
+    library runs them for a batch (``OREPABatchKernelFunction``).
 
-    Shapes (``o`` outputs, ``g`` groups, ``ig``/``og``/``mg`` per-group input/output/internal
-    channels, ``m`` mult of the depthwise branch, ``kk = k * k``):
-
-    - ``origin`` ``(o, ig, k, k)`` and ``v_origin`` ``(o,)``: the plain ``kxk`` branch;
-    - ``coef`` ``(o, p, ig)``, ``v_coef`` ``(p, o)`` and ``pattern`` ``(o, p, kk)`` (no
-      gradient): ``p`` branches that are a ``1x1`` weight (scaled per output channel) times a
-      fixed per-channel ``kxk`` pattern (average, prior, centre);
-    - ``conv2`` ``(o, mg, k, k)``, ``conv1`` ``(g * mg, ig)`` and ``v_seq`` ``(o,)``: the
-      ``1x1 -> kxk`` branch;
-    - ``pw`` ``(o, ig * m)``, ``dw`` ``(g * ig * m, kk)`` and ``v_dwpw`` ``(o,)``: the depthwise
-      ``kxk -> 1x1`` branch;
-    - ``passes``: :class:`TorchPasses` or :class:`CPUPasses`; None picks by device and dtype
-      (:func:`passes_for`).
-
-    Returns the ``(o, ig, k, k)`` kernel. The forward ``1x1 -> kxk`` product reads ``conv2``
-    in place (a ``(kk, mg) @ (mg, ig)`` product per output channel); the backward products
-    are one GEMM per group each, on ``(og * kk, ...)`` operands. ``B`` generators of one
-    shape with ``g`` groups each are one generator with ``B * g`` groups whose tensors are
-    theirs concatenated along the outputs (:class:`OREPABatchKernelFunction`).
+    ``apply(*tensors, groups, passes=None)``: the 11 tensors as ``orepa_kernel`` takes them;
+    ``passes`` None picks by device and dtype (``passes_for``). Returns the
+    ``(o, ig, k, k)`` kernel.
     """
 
     @staticmethod
@@ -74,14 +57,11 @@ class OREPAKernelFunction(torch.autograd.Function):
 
 class OREPA1x1KernelFunction(torch.autograd.Function):
     """:func:`~mmreparam.models.layers.orepa_function.orepa_1x1_kernel` and its hand-written
-    backward as one autograd node: ``K = v0 * W + v1 * (C2 @ C1)``, the kernels of a batch of
-    OREPA ``1x1`` blocks.
+    backward (``orepa_1x1_kernel_grads``) as one autograd node.
 
-    ``W`` is ``(b, o, i)``, ``C2`` ``(b, o, m)``, ``C1`` ``(b, m, i)``, ``v0`` and ``v1``
-    ``(b * o,)`` for ``b`` blocks (one block: ``b = 1``); ``passes`` as
-    :class:`OREPAKernelFunction`. Returns the ``(b, o, i)`` kernels. The per-row scales are
-    applied to the product's output and, in the backward pass, to whichever GEMM operand
-    is smaller, so no scaled copy of a weight is kept.
+    ``apply(origin, v_origin, conv2, conv1, v_product, passes=None)``, shaped as
+    ``orepa_1x1_kernel`` takes them; ``passes`` as :class:`OREPAKernelFunction`. Returns the
+    ``(b, o, i)`` kernels.
     """
 
     @staticmethod
