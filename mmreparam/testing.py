@@ -8,6 +8,12 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .models.layers.orepa import orepa_kernel_reference
+
+#: The paper-readable OREPA kernel, the reference the generators are checked against (its
+#: name in tests and tools).
+literal_orepa_kernel = orepa_kernel_reference
+
 
 @torch.no_grad()
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -52,47 +58,6 @@ def randomize_parameters(model: nn.Module, names, seed: int = 0, scale: float = 
             param.copy_((torch.randn(param.shape, generator=gen, dtype=torch.float64)
                          * scale).to(param))
     return model
-
-
-def literal_orepa_kernel(generator) -> torch.Tensor:
-    """OREPA's generated kernel written as the paper's branch equations, one einsum each.
-
-    An independent reference for an OREPA generator (``groups == 1``): each branch kernel is
-    formed in full and scaled by its row of ``vector``, then all are summed, as in the paper
-    (Hu et al., CVPR 2022, Sec. 3) and the official code.
-
-    Args:
-        generator: An :class:`~mmreparam.models.layers.OREPA` block or
-            :class:`~mmreparam.models.layers.OREPAKernel`.
-
-    Returns:
-        Tensor: ``(out, in, k, k)``, differentiable in the generator's parameters.
-    """
-    import torch.nn.functional as F
-    if generator.gen_groups != 1:
-        raise ValueError('literal_orepa_kernel covers groups == 1 only')
-    k = generator.gen_kernel_size
-    v = dict(zip(generator.branch_names, generator.vector))
-
-    def scaled(kernel, name):
-        return torch.einsum('oihw,o->oihw', kernel, v[name])
-
-    avg = torch.einsum('oi,hw->oihw', generator.weight_orepa_avg_conv[:, :, 0, 0],
-                       torch.full((k, k), 1.0 / (k * k), dtype=v['avg'].dtype,
-                                  device=v['avg'].device))
-    prior = torch.einsum('oi,ohw->oihw', generator.weight_orepa_pfir_conv[:, :, 0, 0],
-                         generator.frequency_prior())
-    conv1 = (generator.weight_orepa_1x1_kxk_idconv1 + generator.id_tensor)[:, :, 0, 0]
-    seq = torch.einsum('ti,othw->oihw', conv1, generator.weight_orepa_1x1_kxk_conv2)
-    i = generator.gen_in_channels
-    dw = generator.weight_orepa_gconv_dw.reshape(i, -1, k, k)
-    pw = generator.weight_orepa_gconv_pw[:, :, 0, 0].reshape(-1, i, dw.shape[1])
-    dwpw = torch.einsum('ithw,oit->oihw', dw, pw)
-    kernel = (scaled(generator.weight_orepa_origin, 'origin') + scaled(avg, 'avg')
-              + scaled(prior, 'prior') + scaled(seq, 'conv1x1_kxk') + scaled(dwpw, 'dw_pw'))
-    if 'conv1x1' in v:
-        kernel = kernel + scaled(F.pad(generator.weight_orepa_1x1, [k // 2] * 4), 'conv1x1')
-    return kernel
 
 
 def official_repopt_keys(state_dict: dict) -> dict:

@@ -11,8 +11,12 @@ from mmengine.logging import print_log
 from torch import Tensor
 
 from ..errors import ForeignFoldError
-from ..models.layers.base import FoldFailure, describe_failures, fold_module
-from ..models.layers.foreign import foreign_fold_problem
+from ..models.layers.foreign import (
+    FoldFailure,
+    describe_failures,
+    fold_module,
+    foreign_fold_problem,
+)
 from ..utils import describe_error
 from .pairs import ConvBNPair, describe_pair, fuse_conv_bn_pairs, search_pairs, unfused_pairs
 from .surgery import restore_upstream

@@ -21,7 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..models.layers.base import Foldable, is_mmreparam
+from ..models.layers.base import Foldable
+from ..models.layers.fuse import bn_scale_shift
 from ..models.layers.norm import SyncBatchNorm as MMReparamSyncBN
 from ..registry import MODELS
 
@@ -143,7 +144,7 @@ class _Tracer(TorchFunctionMode):
         for module in root.modules():
             if module in skip:
                 continue
-            if is_mmreparam(module) and isinstance(module, Foldable):
+            if isinstance(module, Foldable):
                 skip.update(m for m in module.modules() if m is not module)
             self.handles.append(module.register_forward_pre_hook(self._enter))
             self.handles.append(module.register_forward_hook(self._leave))
@@ -398,23 +399,12 @@ def search_pairs(module: nn.Module, inputs: Any = None,
                      f'its data ({"; ".join(errors)}); pass example_inputs=')
 
 
-def _bn_affine(norm: _BatchNorm) -> Tuple[Tensor, Tensor]:
-    """``(scale, shift)`` in float64: the BN's eval-mode function is ``x * scale + shift``
-    along dim 1."""
-    scale = (norm.running_var.double() + norm.eps).rsqrt()
-    shift = -norm.running_mean.double() * scale
-    if norm.affine:
-        scale = scale * norm.weight.double()
-        shift = shift * norm.weight.double() + norm.bias.double()
-    return scale, shift
-
-
 def _fused_weights(layer: nn.Module, norm: _BatchNorm, kind: str) -> Tuple[Tensor, Tensor]:
     """The kernel and bias (float64) of ``layer`` with ``norm`` folded in, before
     (``kind`` ``'bn-*'``) or after it."""
     weight = layer.weight.double()
     bias = layer.bias.double() if layer.bias is not None else weight.new_zeros(weight.shape[0])
-    scale, shift = _bn_affine(norm)
+    scale, shift = bn_scale_shift(norm, dtype=torch.float64)
     tail = [1] * (weight.dim() - 2)
     if kind.startswith('bn'):  # W (a x + b) + c = (W a) x + (W b + c), per input channel
         groups = getattr(layer, 'groups', 1)
@@ -554,7 +544,7 @@ def convmodule_pairs(module: nn.Module) -> List[ConvBNPair]:
     pairs = []
     for name, m in module.named_modules():
         if not isinstance(m, ConvModule) or not m.with_norm or any(
-                is_mmreparam(p) and isinstance(p, Foldable) for p in (m.conv, m.norm)):
+                isinstance(p, Foldable) for p in (m.conv, m.norm)):
             continue
         order = list(m.order)
         if order.index('norm') != order.index('conv') + 1 or not isinstance(m.norm, _BatchNorm):

@@ -1,9 +1,7 @@
 """The protocol shared by every re-parameterizable block."""
-import contextlib
 import copy
-import itertools
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Protocol, Tuple, Type, runtime_checkable
+from abc import ABC, abstractmethod
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -12,9 +10,8 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...errors import ExpansionError, ForeignFoldError
+from ...errors import ExpansionError
 from ...utils import ConfigType, OptConfigType
-from .foreign import ForeignFold, foreign_deploy_state, foreign_fold_of
 from .fuse import Affine, bn_state, zero_bn_state
 
 
@@ -53,6 +50,40 @@ def put_bn(state: Dict[str, Tensor], prefix: str, bn: _BatchNorm,
     put(state, prefix, zero_bn_state(bn) if affine is None else bn_state(affine, bn))
 
 
+def replace_branches(module: nn.Module, name: str, equivalent: Callable[[], Tuple[Tensor, Tensor]],
+                     build: Callable[..., nn.Module], *, delete: Iterable[str] = (),
+                     clear: Iterable[str] = ()) -> None:
+    """The fold's module surgery: put one layer holding the branches' equivalent weight and
+    bias in the place of the training-time branches, in place.
+
+    ``build(device=, dtype=)`` makes the layer (a conv or linear layer with bias) on the
+    device and dtype of ``equivalent()``'s weight; the weight and bias are copied into it
+    outside inference mode and without autograd, so that a fold works under
+    ``torch.no_grad`` and ``torch.inference_mode`` and the new parameters are ordinary
+    tensors (a folded model can still be trained). Then the attributes ``delete`` are
+    deleted, the layer is set as ``name`` and the attributes ``clear`` are set to None.
+
+    Args:
+        module (nn.Module): The block being folded.
+        name (str): The attribute that holds the new layer.
+        equivalent (callable): Returns the layer's weight and bias (read before anything is
+            removed).
+        build (callable): Makes the layer, given ``device`` and ``dtype``.
+        delete (Iterable[str]): Attributes (branches, parameters, buffers) to delete.
+        clear (Iterable[str]): Attributes to set to None after the new layer is in place.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        weight, bias = equivalent()
+        layer = build(device=weight.device, dtype=weight.dtype)
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    for attr in list(delete):
+        delattr(module, attr)
+    setattr(module, name, layer)
+    for attr in clear:
+        setattr(module, attr, None)
+
+
 #: The default of ``act_cfg``: the block class's :attr:`ReparamBlock.default_act_cfg`.
 DEFAULT_ACT = dict(type='default')
 
@@ -82,7 +113,31 @@ def block_type_of_state(keys) -> Optional[Type['ReparamBlock']]:
     return found[0]
 
 
-class ReparamBlock(BaseModule):
+class Foldable(ABC):
+    """The fold protocol of mmreparam's self-folding modules (:func:`~.foreign.fold_tree`
+    folds what follows it).
+
+    ``fold()`` turns the module into its deploy form in place and returns it; it is
+    idempotent, and the training-time branches go away with it, so nothing inside a
+    foldable module is walked. ``folded`` says whether the module is in its deploy form
+    (built with ``deploy=True`` or already folded). A module follows the protocol by
+    deriving from this class (:class:`ReparamBlock`,
+    :class:`~mmreparam.models.layers.RepMLPBlock`), so ``isinstance(module, Foldable)``
+    tells mmreparam's blocks from another library's module that has methods of the same
+    names.
+    """
+
+    @property
+    @abstractmethod
+    def folded(self) -> bool:
+        """Whether the module is in its deploy form."""
+
+    @abstractmethod
+    def fold(self) -> nn.Module:
+        """Fold in place; a no-op when already folded. Returns the module."""
+
+
+class ReparamBlock(BaseModule, Foldable):
     """Base class of the blocks that fold into one convolution with bias.
 
     Subclasses build their training-time branches in :meth:`_build_branches` (called by
@@ -344,17 +399,10 @@ class ReparamBlock(BaseModule):
         """
         if self.reparam_conv is not None:
             return self
-        with torch.inference_mode(False), torch.no_grad():
-            kernel, bias = self.get_equivalent_kernel_bias()
-            conv = self._new_reparam_conv(device=kernel.device, dtype=kernel.dtype)
-            conv.weight.copy_(kernel)
-            conv.bias.copy_(bias)
-        for name in list(self._modules):
-            if name not in self._kept_on_fold:
-                delattr(self, name)
-        for name in list(self._parameters) + list(self._buffers):
-            delattr(self, name)
-        self.reparam_conv = conv
+        branches = [name for name in self._modules if name not in self._kept_on_fold]
+        replace_branches(self, 'reparam_conv', self.get_equivalent_kernel_bias,
+                         self._new_reparam_conv,
+                         delete=branches + list(self._parameters) + list(self._buffers))
         return self
 
     def extra_repr(self) -> str:
@@ -363,214 +411,17 @@ class ReparamBlock(BaseModule):
                 f'groups={self.groups}, folded={self.reparam_conv is not None}')
 
 
-@runtime_checkable
-class Foldable(Protocol):
-    """The fold protocol of mmreparam's self-folding modules (:func:`fold_tree` uses it).
-
-    ``fold()`` turns the module into its deploy form in place and returns it; it is
-    idempotent, and the training-time branches go away with it, so nothing inside a
-    foldable module is walked. ``folded`` says whether the module is in its deploy form
-    (built with ``deploy=True`` or already folded). :class:`ReparamBlock` and
-    :class:`~mmreparam.models.layers.RepMLPBlock` follow it.
-    """
-
-    @property
-    def folded(self) -> bool:
-        """Whether the module is in its deploy form."""
-
-    def fold(self) -> nn.Module:
-        """Fold in place; a no-op when already folded. Returns the module."""
-
-
 def is_mmreparam(module: nn.Module) -> bool:
     """Whether the module's class or one of its bases is defined in mmreparam."""
     return any(cls.__module__.startswith('mmreparam.') for cls in type(module).__mro__)
 
 
+#: The tree walk moved to :mod:`.foreign`; these names stay importable from here.
+_MOVED_TO_FOREIGN = ('fold_tree', 'fold_children')
 
 
-def _ours(module: nn.Module) -> bool:
-    """Whether the module's own class is defined in mmreparam (ours hold Foldables)."""
-    return type(module).__module__.startswith('mmreparam.')
-
-
-def _own_foldable(module: nn.Module) -> bool:
-    return is_mmreparam(module) and isinstance(module, Foldable)
-
-
-@dataclass(frozen=True)
-class FoldFailure:
-    """A module that was left unfolded because its own fold method raised (or returned
-    something that is not a module).
-
-    Attributes:
-        path (str): The module's name in the folded model (``''``: the model itself).
-        cls (str): Its class, with the module it is defined in.
-        method (str): The fold method that was called.
-        error (str): What went wrong (the foreign exception's type and message).
-    """
-    path: str
-    cls: str
-    method: str
-    error: str
-
-    def __str__(self) -> str:
-        return f'{self.path or "(model)"}: {self.cls}.{self.method}() {self.error}'
-
-
-def describe_failures(failures: List[FoldFailure]) -> str:
-    """One line for a list of :class:`FoldFailure`: grouped by class, method and error,
-    each with the paths of its modules."""
-    groups: Dict[Tuple[str, str, str], List[str]] = {}
-    for failure in failures:
-        key = (failure.cls, failure.method, failure.error)
-        groups.setdefault(key, []).append(failure.path or '(model)')
-    return '; '.join(f'{cls}.{method}() {error}, at {len(paths)} module(s): '
-                     f'{", ".join(paths)}' for (cls, method, error), paths in groups.items())
-
-
-@contextlib.contextmanager
-def _factory_defaults_of(module: nn.Module) -> Iterator[None]:
-    """Make new tensors default to the dtype and device of ``module``'s first floating
-    tensor while a foreign fold method runs: many build their conv with ``nn.Conv2d(...)``
-    and copy the fused kernel into it, which would otherwise give a float32 CPU conv in a
-    float64 or CUDA model."""
-    tensor = next((t for t in itertools.chain(module.parameters(), module.buffers())
-                   if t.is_floating_point()), None)
-    if tensor is None:
-        yield
-        return
-    dtype = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(tensor.dtype)
-    except (TypeError, RuntimeError):  # a dtype torch does not take as default
-        pass
-    try:
-        with torch.device(tensor.device):
-            yield
-    finally:
-        torch.set_default_dtype(dtype)
-
-
-def _holds_foldables(module: nn.Module) -> bool:
-    """Whether something inside ``module`` (not itself) can be folded."""
-    return any(m is not module and (_own_foldable(m) or (not _ours(m) and foreign_fold_of(m)))
-               for m in module.modules())
-
-
-def _should_call(module: nn.Module, entry: ForeignFold) -> bool:
-    """Whether ``module``'s fold method is to be called.
-
-    Not when its markers say it is in deploy form. Not when it has no marker, folds in
-    place and holds foldable modules: such a container method (mmpretrain RepMLPNet's
-    ``switch_to_deploy()``) only calls its modules' methods, without checking whether they
-    are folded; the walk folds them, each once.
-    """
-    state = foreign_deploy_state(module)
-    if state is True:
-        return False
-    return not (state is None and not entry.replaces and _holds_foldables(module))
-
-
-def _restore(module: nn.Module, backup: Optional[nn.Module]) -> None:
-    """Give ``module`` back the state of ``backup`` (its copy from before a failed fold)."""
-    if backup is not None:
-        module.__dict__.clear()
-        module.__dict__.update(backup.__dict__)
-
-
-def _call_foreign(module: nn.Module, entry: ForeignFold, path: str,
-                  failures: Optional[List[FoldFailure]]) -> Tuple[nn.Module, int]:
-    """Call ``module``'s fold method; return the module that takes its place and 1 when it
-    was folded (0 when the call changed nothing it marks, or failed).
-
-    A failure leaves the module as it was before the call and is appended to ``failures``
-    (raised as :class:`~mmreparam.errors.ForeignFoldError` when ``failures`` is None).
-    """
-    cls = type(module)
-    try:
-        backup = copy.deepcopy(module)
-    except Exception:  # noqa: BLE001 (a module that cannot be copied is not restored)
-        backup = None
-    error, cause = None, None
-    try:
-        with _factory_defaults_of(module):
-            result = getattr(module, entry.method)()
-    except Exception as err:  # noqa: BLE001 (any foreign error is reported, with its path)
-        error, cause = f'raised {type(err).__name__}: {err}', err
-    else:
-        if not entry.replaces or result is None:
-            result = module
-        elif not isinstance(result, nn.Module):
-            error = f'returned a {type(result).__name__}, not a module'
-    if error is None:
-        if result is not module:
-            return result, 1
-        return module, int(foreign_deploy_state(module) is not False)
-    _restore(module, backup)
-    failure = FoldFailure(path, f'{cls.__module__}.{cls.__qualname__}', entry.method, error)
-    if failures is None:
-        raise ForeignFoldError(f'could not fold {failure}') from cause
-    failures.append(failure)
-    return module, 0
-
-
-def fold_module(module: nn.Module, path: str = '',
-                failures: Optional[List[FoldFailure]] = None) -> Tuple[nn.Module, int]:
-    """Fold ``module`` and everything in it, top-down.
-
-    An mmreparam module that follows the :class:`Foldable` protocol (every
-    :class:`ReparamBlock`, :class:`~mmreparam.models.layers.RepMLPBlock`) folds itself (its
-    branches go away with it). Another library's module with a fold method of
-    :data:`~.foreign.FOREIGN_FOLDS` is asked to fold itself, unless its markers say it is
-    already in deploy form (:func:`~.foreign.foreign_deploy_state`); a ``fuse()``-style
-    method gives the module that takes its place. The children are walked after that, since
-    a foreign container may hold blocks it does not know.
-
-    Args:
-        module (nn.Module): The module (changed in place).
-        path (str): Its name in the model, for messages. Defaults to ''.
-        failures (list, optional): Collects a :class:`FoldFailure` for each foreign method
-            that raised (the module is left as it was). None raises
-            :class:`~mmreparam.errors.ForeignFoldError` at the first one instead.
-
-    Returns:
-        tuple[nn.Module, int]: The folded module (another one when a ``fuse()``-style method
-        replaced it) and how many modules were folded.
-    """
-    if _own_foldable(module):
-        already = module.folded
-        module.fold()
-        return module, 0 if already else 1
-    count = 0
-    entry = None if _ours(module) else foreign_fold_of(module)
-    if entry is not None and _should_call(module, entry):
-        result, count = _call_foreign(module, entry, path, failures)
-        if result is not module:  # its children are the replacement's
-            return result, count + fold_children(result, path, failures)
-    return module, count + fold_children(module, path, failures)
-
-
-def fold_children(module: nn.Module, path: str = '',
-                  failures: Optional[List[FoldFailure]] = None) -> int:
-    """:func:`fold_module` on each child of ``module``, putting replacements in place;
-    return how many modules were folded."""
-    count = 0
-    for name, child in list(module.named_children()):
-        folded, done = fold_module(child, f'{path}.{name}' if path else name, failures)
-        if folded is not child:
-            setattr(module, name, folded)
-        count += done
-    return count
-
-
-def fold_tree(module: nn.Module, failures: Optional[List[FoldFailure]] = None) -> int:
-    """Fold everything in ``module`` in place; return how many modules were folded.
-
-    Like :func:`fold_module`, except that the module itself keeps its place: a ``fuse()``
-    that would replace it is not called, its children are folded.
-    """
-    entry = None if _ours(module) or _own_foldable(module) else foreign_fold_of(module)
-    if entry is not None and entry.replaces:
-        return fold_children(module, '', failures)
-    return fold_module(module, '', failures)[1]
+def __getattr__(name: str):
+    if name in _MOVED_TO_FOREIGN:
+        from . import foreign
+        return getattr(foreign, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -24,13 +24,57 @@ def _pair(size: Size2) -> Tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def _scale_shift(mean: Tensor, var: Tensor, eps: float, weight: Optional[Tensor],
+                 bias: Optional[Tensor]) -> KernelBias:
+    """``(scale, shift)`` of the eval-mode BN map ``(y - mean) * weight / sqrt(var + eps) + bias``
+    (``weight`` None: 1, ``bias`` None: 0): the one place this formula is written."""
+    std = (var + eps).sqrt()
+    scale = weight / std if weight is not None else 1.0 / std
+    shift = bias if bias is not None else torch.zeros_like(std)
+    return scale, shift - mean * scale
+
+
+def bn_scale_shift(bn: _BatchNorm, bias: Optional[Tensor] = None,
+                   dtype: Optional[torch.dtype] = None) -> KernelBias:
+    """An eval-mode BatchNorm as a per-channel affine map: ``BN(y + bias) = y * scale + shift``.
+
+    ``scale = gamma / std`` and ``shift = beta - (mean - bias) * scale`` with
+    ``std = sqrt(running_var + eps)``; a non-affine BN has ``gamma = 1``, ``beta = 0``. Works
+    for any ``_BatchNorm`` (BN, SyncBN, ...). Every fold of a BN goes through this function.
+
+    Args:
+        bn (_BatchNorm): The BatchNorm.
+        bias (Tensor, optional): A per-channel bias added before the BN (a convolution's).
+            Defaults to None (zero).
+        dtype (torch.dtype, optional): Compute in this dtype (e.g. float64 for a float32
+            BN). Defaults to None: the BN's.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``scale`` and ``shift``, ``(C,)``.
+
+    Raises:
+        ValueError: The BN keeps no running statistics (``track_running_stats=False``).
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f'{type(bn).__name__} has no running statistics '
+                         '(track_running_stats=False): it has no eval-mode function to fold')
+    mean, var = bn.running_mean, bn.running_var
+    weight, beta = (bn.weight, bn.bias) if bn.affine else (None, None)
+    if dtype is not None:
+        mean, var, weight, beta, bias = (None if t is None else t.to(dtype)
+                                         for t in (mean, var, weight, beta, bias))
+    if bias is not None:
+        mean = mean - bias
+    return _scale_shift(mean, var, bn.eps, weight, beta)
+
+
 def fuse_bn(kernel: Tensor, bn: _BatchNorm, bias: Optional[Tensor] = None) -> KernelBias:
     """Fold an eval-mode BatchNorm that follows a convolution into its kernel and bias.
 
     ``BN(conv(x, kernel) + bias)`` equals ``conv(x, k') + b'`` with
-    ``k' = kernel * gamma / std`` and ``b' = beta + (bias - mean) * gamma / std``.
-    Works for any ``_BatchNorm`` (BN, SyncBN, ...), affine or not. Uses the running
-    statistics, i.e. the eval-mode function of the BN.
+    ``k' = kernel * gamma / std`` and ``b' = beta + (bias - mean) * gamma / std``
+    (:func:`bn_scale_shift`). Works for any ``_BatchNorm`` (BN, SyncBN, ...), affine or not.
+    Uses the running statistics, i.e. the eval-mode function of the BN.
 
     Args:
         kernel (Tensor): Convolution kernel, ``(C_out, C_in/g, kh, kw)``.
@@ -40,28 +84,18 @@ def fuse_bn(kernel: Tensor, bn: _BatchNorm, bias: Optional[Tensor] = None) -> Ke
     Returns:
         tuple[Tensor, Tensor]: The fused kernel and bias.
     """
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f'{type(bn).__name__} has no running statistics '
-                         '(track_running_stats=False): it has no eval-mode function to fold')
-    std = (bn.running_var + bn.eps).sqrt()
-    scale = bn.weight / std if bn.affine else 1.0 / std
-    shift = bn.bias if bn.affine else torch.zeros_like(std)
-    mean = bn.running_mean if bias is None else bn.running_mean - bias
-    fused_kernel = kernel * scale.to(kernel.dtype).reshape(-1, 1, 1, 1)
-    fused_bias = shift - mean * scale
-    return fused_kernel, fused_bias.to(kernel.dtype)
+    scale, shift = bn_scale_shift(bn, bias)
+    return kernel * scale.to(kernel.dtype).reshape(-1, 1, 1, 1), shift.to(kernel.dtype)
 
 
 def bn_pad_value(bn: _BatchNorm) -> Tensor:
     """The output of an eval-mode BatchNorm for a zero input: ``beta - mean * gamma / std``.
 
     Padding a BN's output with this value makes ``pad(BN(y))`` equal ``BN(pad(y))``, which
-    keeps a 1x1 -> BN -> kxk chain foldable into one kxk convolution.
+    keeps a 1x1 -> BN -> kxk chain foldable into one kxk convolution. It is the ``shift`` of
+    :func:`bn_scale_shift`, so it equals the bias that :func:`fuse_bn` gives the 1x1.
     """
-    std = (bn.running_var + bn.eps).sqrt()
-    if bn.affine:
-        return bn.bias - bn.running_mean * bn.weight / std
-    return -bn.running_mean / std
+    return bn_scale_shift(bn)[1]
 
 
 def pad_kernel(kernel: Tensor, size: Size2) -> Tensor:
@@ -282,18 +316,14 @@ def fuse_preceding_bn(weight: Tensor, bias: Optional[Tensor], bn: _BatchNorm) ->
     if any(s != 1 for s in weight.shape[2:]):
         raise ValueError('fuse_preceding_bn folds into a linear layer or a 1x1 convolution; '
                          f'got a weight of shape {tuple(weight.shape)}')
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f'{type(bn).__name__} has no running statistics '
-                         '(track_running_stats=False): it has no eval-mode function to fold')
+    scale, shift = bn_scale_shift(bn)
     in_features, channels = weight.shape[1], bn.num_features
     if in_features % channels:
         raise ValueError(f'{in_features} input features cannot be split over {channels} BN '
                          'channels')
-    std = (bn.running_var + bn.eps).sqrt()
-    scale = bn.weight / std if bn.affine else 1.0 / std
     repeats = in_features // channels
     scale = scale.to(weight.dtype).repeat_interleave(repeats)
-    shift = bn_pad_value(bn).to(weight.dtype).repeat_interleave(repeats)
+    shift = shift.to(weight.dtype).repeat_interleave(repeats)
     matrix = weight.reshape(weight.shape[0], in_features)
     fused_bias = matrix @ shift
     if bias is not None:
@@ -367,8 +397,8 @@ class Affine(NamedTuple):
         """The kernel and bias of one biased conv computing ``affine(conv(x, kernel))``."""
         if self.weight is None:
             return kernel, self.bias
-        scale = self.weight / (self.var + self.eps).sqrt()
-        return kernel * scale.reshape(-1, 1, 1, 1), self.bias - self.mean * scale
+        scale, shift = _scale_shift(self.mean, self.var, self.eps, self.weight, self.bias)
+        return kernel * scale.reshape(-1, 1, 1, 1), shift
 
 
 def shift_running_var(var: Tensor, source_eps: float, eps: float) -> Tensor:

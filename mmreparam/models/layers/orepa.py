@@ -205,6 +205,47 @@ class OREPAGeneratorMixin:
         return kernel.split(out)
 
 
+def orepa_kernel_reference(generator) -> Tensor:
+    """OREPA's generated kernel written as the paper's branch equations, one einsum each.
+
+    The documented reference form of what :meth:`OREPAGeneratorMixin.generate_batch` computes
+    in one fused node (:func:`~.orepa_function.orepa_kernel`): each branch kernel is formed
+    in full and scaled by its row of ``vector``, then all are summed, as in the paper (Hu et
+    al., CVPR 2022, Sec. 3) and the official code. Readable and slow; the tests check the
+    generators' kernels and gradients against it (``groups == 1``).
+
+    Args:
+        generator: An :class:`OREPA` block or an :class:`OREPAKernel`.
+
+    Returns:
+        Tensor: ``(out, in, k, k)``, differentiable in the generator's parameters.
+    """
+    if generator.gen_groups != 1:
+        raise ValueError('orepa_kernel_reference covers groups == 1 only')
+    k = generator.gen_kernel_size
+    v = dict(zip(generator.branch_names, generator.vector))
+
+    def scaled(kernel, name):
+        return torch.einsum('oihw,o->oihw', kernel, v[name])
+
+    avg = torch.einsum('oi,hw->oihw', generator.weight_orepa_avg_conv[:, :, 0, 0],
+                       torch.full((k, k), 1.0 / (k * k), dtype=v['avg'].dtype,
+                                  device=v['avg'].device))
+    prior = torch.einsum('oi,ohw->oihw', generator.weight_orepa_pfir_conv[:, :, 0, 0],
+                         generator.frequency_prior())
+    conv1 = (generator.weight_orepa_1x1_kxk_idconv1 + generator.id_tensor)[:, :, 0, 0]
+    seq = torch.einsum('ti,othw->oihw', conv1, generator.weight_orepa_1x1_kxk_conv2)
+    i = generator.gen_in_channels
+    dw = generator.weight_orepa_gconv_dw.reshape(i, -1, k, k)
+    pw = generator.weight_orepa_gconv_pw[:, :, 0, 0].reshape(-1, i, dw.shape[1])
+    dwpw = torch.einsum('ithw,oit->oihw', dw, pw)
+    kernel = (scaled(generator.weight_orepa_origin, 'origin') + scaled(avg, 'avg')
+              + scaled(prior, 'prior') + scaled(seq, 'conv1x1_kxk') + scaled(dwpw, 'dw_pw'))
+    if 'conv1x1' in v:
+        kernel = kernel + scaled(F.pad(generator.weight_orepa_1x1, [k // 2] * 4), 'conv1x1')
+    return kernel
+
+
 class GeneratedKernelBlock(ReparamBlock):
     """A block whose training form is: generate one kernel -> one conv -> one BN.
 

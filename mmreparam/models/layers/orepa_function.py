@@ -20,7 +20,7 @@ checks each pass of one against the other and the functions with
 ``torch.autograd.gradcheck`` in float64 on both.
 """
 import logging
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from mmengine.logging import print_log
@@ -187,10 +187,49 @@ def passes_for(tensor: Tensor):
     return CPUPasses
 
 
+class KxkInputs(NamedTuple):
+    """The tensor inputs of :func:`orepa_kernel`, by name; :func:`orepa_kernel_grads` takes
+    which of them need a gradient and returns their gradients in the same form."""
+    origin: Any
+    v_origin: Any
+    coef: Any
+    v_coef: Any
+    pattern: Any
+    conv2: Any
+    conv1: Any
+    v_seq: Any
+    pw: Any
+    dw: Any
+    v_dwpw: Any
+
+
 def orepa_kernel(passes, origin: Tensor, v_origin: Tensor, coef: Tensor, v_coef: Tensor,
                  pattern: Tensor, conv2: Tensor, conv1: Tensor, v_seq: Tensor, pw: Tensor,
                  dw: Tensor, v_dwpw: Tensor, groups: int) -> Tensor:
-    """The kernel of :class:`OREPAKernelFunction` (no autograd), with the given passes."""
+    """One generator's kernel (no autograd), with the given passes:
+    ``K = v0*W + sum_q vq * (Cq (x) Pq) + v3 * (E (x) D) + v_dwpw * (PW (x) DW)``.
+
+    Shapes (``o`` outputs, ``g`` groups, ``ig``/``og``/``mg`` per-group input/output/internal
+    channels, ``m`` mult of the depthwise branch, ``kk = k * k``):
+
+    - ``origin`` ``(o, ig, k, k)`` and ``v_origin`` ``(o,)``: the plain ``kxk`` branch;
+    - ``coef`` ``(o, p, ig)``, ``v_coef`` ``(p, o)`` and ``pattern`` ``(o, p, kk)`` (no
+      gradient): ``p`` branches that are a ``1x1`` weight (scaled per output channel) times a
+      fixed per-channel ``kxk`` pattern (average, prior, centre);
+    - ``conv2`` ``(o, mg, k, k)``, ``conv1`` ``(g * mg, ig)`` and ``v_seq`` ``(o,)``: the
+      ``1x1 -> kxk`` branch;
+    - ``pw`` ``(o, ig * m)``, ``dw`` ``(g * ig * m, kk)`` and ``v_dwpw`` ``(o,)``: the depthwise
+      ``kxk -> 1x1`` branch;
+    - ``passes``: :class:`TorchPasses` or :class:`CPUPasses` (:func:`passes_for`).
+
+    Returns the ``(o, ig, k, k)`` kernel. The ``1x1 -> kxk`` product reads ``conv2`` in place
+    (a ``(kk, mg) @ (mg, ig)`` product per output channel); the backward products
+    (:func:`orepa_kernel_grads`) are one GEMM per group each, on ``(og * kk, ...)`` operands.
+    ``B`` generators of one shape with ``g`` groups each are one generator with ``B * g``
+    groups whose tensors are theirs concatenated along the outputs
+    (:class:`OREPABatchKernelFunction`). The same kernel, written branch by branch as in the
+    paper: :func:`~mmreparam.models.layers.orepa.orepa_kernel_reference`.
+    """
     o, ig, kh, kw = origin.shape
     kk, g = kh * kw, groups
     og, mg = o // g, conv2.shape[1]
@@ -211,7 +250,9 @@ def orepa_kernel_grads(passes, needs, grad: Tensor, origin: Tensor, v_origin: Te
                        conv1: Tensor, v_seq: Tensor, pw: Tensor, dw: Tensor, v_dwpw: Tensor,
                        groups: int) -> tuple:
     """The gradients of :func:`orepa_kernel`'s 11 tensor inputs from the kernel's gradient
-    ``grad``; ``needs`` says which are wanted (the others are None)."""
+    ``grad``, as a :class:`KxkInputs`; ``needs`` (a :class:`KxkInputs` of bools, or the
+    same in a plain sequence) says which are wanted (the others are None)."""
+    needs = KxkInputs(*needs)
     g = groups
     o, ig, kh, kw = origin.shape
     kk, og, mg = kh * kw, o // g, conv2.shape[1]
@@ -221,70 +262,44 @@ def orepa_kernel_grads(passes, needs, grad: Tensor, origin: Tensor, v_origin: Te
                                 pattern, pw, dw, v_dwpw, g)
     g_conv2 = g_conv1 = g_v_seq = None
     conv2_3d = conv2.reshape(o, mg, kk)
-    if needs[5] or needs[7]:
+    if needs.conv2 or needs.v_seq:
         # d/d conv2[o, m, t] (unscaled) = sum_i grad[o, i, t] conv1[m, i], as (o, kk, mg)
         u = torch.bmm(grad_t.reshape(g, og * kk, ig),
                       conv1.reshape(g, mg, ig).transpose(1, 2))
         g_conv2, g_v_seq, conv2_ts = passes.seq_pass(u.reshape(o, kk, mg), conv2_3d, v_seq)
         g_conv2 = g_conv2.reshape(conv2.shape)
-    elif needs[6]:
+    elif needs.conv1:
         conv2_ts = passes.scaled_transpose(conv2_3d, v_seq)
-    if needs[6]:
+    if needs.conv1:
         # d/d conv1[m, i] = sum_{o, t} v_seq[o] conv2[o, m, t] grad[o, i, t]
         g_conv1 = torch.bmm(conv2_ts.reshape(g, og * kk, mg).transpose(1, 2),
                             grad_t.reshape(g, og * kk, ig)).reshape(conv1.shape)
     grads = (g_origin.reshape(origin.shape), g_v_origin, g_coef, g_v_coef, None, g_conv2,
              g_conv1, g_v_seq, g_pw, g_dw, g_v_dwpw)
-    return tuple(t if need else None for t, need in zip(grads, needs))
+    return KxkInputs(*(t if need else None for t, need in zip(grads, needs)))
 
 
-class OREPAKernelFunction(torch.autograd.Function):
-    """``K = v0*W + sum_q vq * (Cq (x) Pq) + v3 * (E (x) D) + v_dwpw * (PW (x) DW)``: one
-    generator.
-
-    Shapes (``o`` outputs, ``g`` groups, ``ig``/``og``/``mg`` per-group input/output/internal
-    channels, ``m`` mult of the depthwise branch, ``kk = k * k``):
-
-    - ``origin`` ``(o, ig, k, k)`` and ``v_origin`` ``(o,)``: the plain ``kxk`` branch;
-    - ``coef`` ``(o, p, ig)``, ``v_coef`` ``(p, o)`` and ``pattern`` ``(o, p, kk)`` (no
-      gradient): ``p`` branches that are a ``1x1`` weight (scaled per output channel) times a
-      fixed per-channel ``kxk`` pattern (average, prior, centre);
-    - ``conv2`` ``(o, mg, k, k)``, ``conv1`` ``(g * mg, ig)`` and ``v_seq`` ``(o,)``: the
-      ``1x1 -> kxk`` branch;
-    - ``pw`` ``(o, ig * m)``, ``dw`` ``(g * ig * m, kk)`` and ``v_dwpw`` ``(o,)``: the depthwise
-      ``kxk -> 1x1`` branch;
-    - ``passes``: :class:`TorchPasses` or :class:`CPUPasses`; None picks by device and dtype
-      (:func:`passes_for`).
-
-    Returns the ``(o, ig, k, k)`` kernel. The forward ``1x1 -> kxk`` product reads ``conv2``
-    in place (a ``(kk, mg) @ (mg, ig)`` product per output channel); the backward products
-    are one GEMM per group each, on ``(og * kk, ...)`` operands. ``B`` generators of one
-    shape with ``g`` groups each are one generator with ``B * g`` groups whose tensors are
-    theirs concatenated along the outputs (:class:`OREPABatchKernelFunction`).
-    """
-
-    @staticmethod
-    def forward(ctx, origin: Tensor, v_origin: Tensor, coef: Tensor, v_coef: Tensor,
-                pattern: Tensor, conv2: Tensor, conv1: Tensor, v_seq: Tensor, pw: Tensor,
-                dw: Tensor, v_dwpw: Tensor, groups: int,
-                passes: Optional[type] = None) -> Tensor:
-        passes = passes or passes_for(origin)
-        tensors = (origin, v_origin, coef, v_coef, pattern, conv2, conv1, v_seq, pw, dw,
-                   v_dwpw)
-        ctx.groups, ctx.passes = groups, passes
-        ctx.save_for_backward(*tensors)
-        return orepa_kernel(passes, *tensors, groups)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        return orepa_kernel_grads(ctx.passes, ctx.needs_input_grad, grad, *ctx.saved_tensors,
-                                  ctx.groups) + (None, None)
+class Kernel1x1Inputs(NamedTuple):
+    """The tensor inputs of :func:`orepa_1x1_kernel`, by name; :func:`orepa_1x1_kernel_grads`
+    takes which of them need a gradient and returns their gradients in the same form."""
+    origin: Any
+    v_origin: Any
+    conv2: Any
+    conv1: Any
+    v_product: Any
 
 
 def orepa_1x1_kernel(passes, origin: Tensor, v_origin: Tensor, conv2: Tensor, conv1: Tensor,
                      v_product: Tensor) -> Tensor:
-    """The kernels of :class:`OREPA1x1KernelFunction` (no autograd)."""
+    """``K = v0 * W + v1 * (C2 @ C1)``: the kernels of a batch of OREPA ``1x1`` blocks (no
+    autograd).
+
+    ``W`` is ``(b, o, i)``, ``C2`` ``(b, o, m)``, ``C1`` ``(b, m, i)``, ``v0`` and ``v1``
+    ``(b * o,)`` for ``b`` blocks (one block: ``b = 1``); ``passes`` as
+    :func:`orepa_kernel`. Returns the ``(b, o, i)`` kernels. The per-row scales are applied
+    to the product's output and, in the backward pass (:func:`orepa_1x1_kernel_grads`), to
+    whichever GEMM operand is smaller, so no scaled copy of a weight is kept.
+    """
     b, o, i = origin.shape
     kernel = passes.rows_axpby_(torch.bmm(conv2, conv1).reshape(b * o, i), v_product,
                                 origin.reshape(b * o, i), v_origin)
@@ -293,53 +308,29 @@ def orepa_1x1_kernel(passes, origin: Tensor, v_origin: Tensor, conv2: Tensor, co
 
 def orepa_1x1_kernel_grads(passes, needs, grad: Tensor, origin: Tensor, v_origin: Tensor,
                            conv2: Tensor, conv1: Tensor, v_product: Tensor) -> tuple:
-    """The gradients of :func:`orepa_1x1_kernel`'s 5 inputs (None where not ``needs``)."""
+    """The gradients of :func:`orepa_1x1_kernel`'s 5 inputs, as a :class:`Kernel1x1Inputs`
+    (None where not ``needs``, a :class:`Kernel1x1Inputs` of bools or a plain sequence)."""
+    needs = Kernel1x1Inputs(*needs)
     b, o, i = origin.shape
     m = conv2.shape[2]
     grad = grad.reshape(b, o, i).contiguous()
     # d/d conv1 = (v1 * conv2)^T @ grad: scale the smaller operand; grad's scaled copy
     # comes out of the same pass as origin's gradient.
-    scale_grad = needs[3] and conv2.numel() >= grad.numel()
+    scale_grad = needs.conv1 and conv2.numel() >= grad.numel()
     g_origin, g_v_origin, grad_s = passes.row_scale_dot(
         grad.reshape(b * o, i), v_origin, origin.reshape(b * o, i),
         v2=v_product if scale_grad else None)
     g_conv2 = g_conv1 = g_v_product = None
-    if needs[2] or needs[4]:
+    if needs.conv2 or needs.v_product:
         u = torch.bmm(grad, conv1.transpose(1, 2))  # d/d conv2, unscaled
         g_conv2, g_v_product, _ = passes.row_scale_dot(
             u.reshape(b * o, m), v_product, conv2.reshape(b * o, m), inplace=True)
         g_conv2 = g_conv2.reshape(b, o, m)
-    if needs[3]:
+    if needs.conv1:
         g_conv1 = (torch.bmm(conv2.transpose(1, 2), grad_s.reshape(b, o, i)) if scale_grad
                    else torch.bmm((conv2 * v_product.reshape(b, o, 1)).transpose(1, 2), grad))
     grads = (g_origin.reshape(b, o, i), g_v_origin, g_conv2, g_conv1, g_v_product)
-    return tuple(t if need else None for t, need in zip(grads, needs))
-
-
-class OREPA1x1KernelFunction(torch.autograd.Function):
-    """``K = v0 * W + v1 * (C2 @ C1)``: the kernels of a batch of OREPA ``1x1`` blocks, as
-    one node.
-
-    ``W`` is ``(b, o, i)``, ``C2`` ``(b, o, m)``, ``C1`` ``(b, m, i)``, ``v0`` and ``v1``
-    ``(b * o,)`` for ``b`` blocks (one block: ``b = 1``); ``passes`` as
-    :class:`OREPAKernelFunction`. Returns the ``(b, o, i)`` kernels. The per-row scales are
-    applied to the product's output and, in the backward pass, to whichever GEMM operand
-    is smaller, so no scaled copy of a weight is kept.
-    """
-
-    @staticmethod
-    def forward(ctx, origin: Tensor, v_origin: Tensor, conv2: Tensor, conv1: Tensor,
-                v_product: Tensor, passes: Optional[type] = None) -> Tensor:
-        passes = passes or passes_for(origin)
-        ctx.passes = passes
-        ctx.save_for_backward(origin, v_origin, conv2, conv1, v_product)
-        return orepa_1x1_kernel(passes, origin, v_origin, conv2, conv1, v_product)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        return orepa_1x1_kernel_grads(ctx.passes, ctx.needs_input_grad, grad,
-                                      *ctx.saved_tensors) + (None, )
+    return Kernel1x1Inputs(*(t if need else None for t, need in zip(grads, needs)))
 
 
 def _cat(tensors, dim: int = 0) -> Tensor:
@@ -353,7 +344,7 @@ class KxkBatchLayout(NamedTuple):
     ``batch`` generators with ``groups`` groups each; ``coef`` weights per generator (the
     ``1x1`` weights of the pattern branches); the rows of each generator's ``vector`` that
     scale the ``origin``, pattern (``coef_rows``), ``1x1 -> kxk`` (``seq``) and depthwise
-    (``dwpw``) branches; ``passes`` as :class:`OREPAKernelFunction`.
+    (``dwpw``) branches; ``passes`` as :func:`orepa_kernel`.
     """
     batch: int
     groups: int
@@ -368,6 +359,24 @@ class KxkBatchLayout(NamedTuple):
 #: The kinds of parameter of one ``kxk`` generator, in the order the batch Function takes
 #: them (``coef`` stands for ``layout.coef`` kinds).
 KXK_KINDS = ('origin', 'coef', 'idconv1', 'conv2', 'dw', 'pw', 'vector')
+
+
+class KxkKinds(NamedTuple):
+    """Something per kind of :data:`KXK_KINDS` (``coefs``: a tuple, one per coef weight)."""
+    origin: Any
+    coefs: Tuple
+    idconv1: Any
+    conv2: Any
+    dw: Any
+    pw: Any
+    vector: Any
+
+    @classmethod
+    def split(cls, items: Sequence, batch: int, coefs: int) -> 'KxkKinds':
+        """``items`` laid out as the batch Function takes its parameters (``batch`` of each
+        kind in :data:`KXK_KINDS` order, ``coefs`` coef kinds), as tuples by kind."""
+        chunks = [tuple(items[i:i + batch]) for i in range(0, len(items), batch)]
+        return cls(chunks[0], tuple(chunks[1:1 + coefs]), *chunks[1 + coefs:])
 
 
 class OREPABatchKernelFunction(torch.autograd.Function):
@@ -396,9 +405,7 @@ class OREPABatchKernelFunction(torch.autograd.Function):
     def forward(ctx, layout: KxkBatchLayout, pattern: Tensor, identity: Tensor,
                 *params: Tensor) -> Tensor:
         b, p = layout.batch, layout.coef
-        kinds = [params[i * b:(i + 1) * b] for i in range(len(params) // b)]
-        origins, coefs = kinds[0], kinds[1:1 + p]
-        idconv1, conv2, dw, pw, vectors = kinds[1 + p:]
+        origins, coefs, idconv1, conv2, dw, pw, vectors = KxkKinds.split(params, b, p)
         o, ig, kh, kw = origins[0].shape
         n = vectors[0].shape[0]
         # (b * o, p, ig): generator-major outputs, then pattern, then inputs.
@@ -423,15 +430,14 @@ class OREPABatchKernelFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         origin = saved[0]
         o, ig = origin.shape[0] // b, origin.shape[1]
-        needs = ctx.needs_input_grad[3:]
-        kind_needs = [any(needs[i * b:(i + 1) * b]) for i in range(len(needs) // b)]
-        need_vector = kind_needs[-1]
-        # Which of orepa_kernel's inputs need a gradient.
-        # kinds: origin, coef * p, idconv1, conv2, dw, pw, vector (KXK_KINDS)
-        need_idconv1, need_conv2, need_dw, need_pw = kind_needs[1 + p:5 + p]
-        core_needs = (kind_needs[0], need_vector, any(kind_needs[1:1 + p]), need_vector,
-                      False, need_conv2, need_idconv1, need_vector, need_pw, need_dw,
-                      need_vector)
+        needs = ctx.needs_input_grad[3:]  # per parameter
+        kinds = KxkKinds.split(needs, b, p)
+        need_vector = any(kinds.vector)  # its rows scale every branch
+        core_needs = KxkInputs(
+            origin=any(kinds.origin), v_origin=need_vector,
+            coef=any(any(c) for c in kinds.coefs), v_coef=need_vector, pattern=False,
+            conv2=any(kinds.conv2), conv1=any(kinds.idconv1), v_seq=need_vector,
+            pw=any(kinds.pw), dw=any(kinds.dw), v_dwpw=need_vector)
         (g_origin, g_v_origin, g_coef, g_v_coef, _, g_conv2, g_conv1, g_v_seq, g_pw, g_dw,
          g_v_dwpw) = orepa_kernel_grads(layout.passes, core_needs, grad, *saved,
                                         b * layout.groups)
@@ -469,7 +475,7 @@ class OREPA1x1BatchKernelFunction(torch.autograd.Function):
 
     ``apply(passes, *params)``: ``B`` origins ``(o, i, 1, 1)``, ``B`` ``conv2``
     ``(o, m, 1, 1)``, ``B`` ``conv1`` ``(m, i, 1, 1)`` and ``B`` vectors ``(2, o)``, as
-    stored; generated as :class:`OREPA1x1KernelFunction` on their concatenation, each
+    stored; generated as one batch of :func:`orepa_1x1_kernel` on their concatenation, each
     parameter's gradient a contiguous slice. Returns the ``(B, o, i)`` kernels.
     """
 
@@ -488,16 +494,19 @@ class OREPA1x1BatchKernelFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        needs = ctx.needs_input_grad[1:]
+        needs = ctx.needs_input_grad[1:]  # per parameter
         b = len(needs) // 4
-        kind_needs = [any(needs[i * b:(i + 1) * b]) for i in range(4)]
-        core_needs = (kind_needs[0], kind_needs[3], kind_needs[1], kind_needs[2],
-                      kind_needs[3])
+        # kinds, as forward takes them: origins, conv2, conv1, vectors
+        need_origin, need_conv2, need_conv1, need_vector = (
+            any(needs[i * b:(i + 1) * b]) for i in range(4))
+        core_needs = Kernel1x1Inputs(origin=need_origin, v_origin=need_vector,
+                                     conv2=need_conv2, conv1=need_conv1,
+                                     v_product=need_vector)
         g_origin, g_v0, g_conv2, g_conv1, g_v1 = orepa_1x1_kernel_grads(
             ctx.passes, core_needs, grad, *ctx.saved_tensors)
         o = g_origin.shape[1] if g_origin is not None else ctx.shapes[0][0]
         g_vector = (torch.stack([g_v0.reshape(b, o), g_v1.reshape(b, o)], dim=1)
-                    if kind_needs[3] else None)
+                    if need_vector else None)
         grads = []
         for kind, values in enumerate((g_origin, g_conv2, g_conv1, g_vector)):
             for i in range(b):

@@ -6,6 +6,7 @@ Layout and parameter names follow the official ``RepMLP`` (DingXiaoH/RepMLP ``re
 ``fc3`` / ``fc3_bn`` (partition perceptron) and ``repconv{k}.conv`` / ``repconv{k}.bn`` (local
 perceptron); the global perceptron lives in ``gp``.
 """
+from functools import partial
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
-from .base import Foldable, build_bn
+from .base import Foldable, build_bn, replace_branches
 from .branches import ConvBNBranch
 from .fuse import conv_to_fc, fuse_bn, fuse_preceding_bn, pad_kernel
 
@@ -39,7 +40,7 @@ def _size2(value: Size2, name: str, owner: str) -> Tuple[int, int]:
     return pair
 
 
-class PartitionGlobalPerceptron(nn.Module):
+class PartitionGlobalPerceptron(nn.Module, Foldable):
     """RepMLP's global perceptron (arXiv 2105.01883, Sec. 3.2).
 
     The mean of every ``h x w`` partition of every channel goes through a BatchNorm and a
@@ -98,14 +99,9 @@ class PartitionGlobalPerceptron(nn.Module):
         """Fold the BN into ``fc1`` in place; idempotent. Returns ``self``."""
         if self.folded:
             return self
-        with torch.inference_mode(False), torch.no_grad():
-            weight, bias = self.get_equivalent_fc1()
-            fc1 = nn.Linear(self.fc1.in_features, self.fc1.out_features, device=weight.device,
-                            dtype=weight.dtype)
-            fc1.weight.copy_(weight)
-            fc1.bias.copy_(bias)
-        self.fc1 = fc1
-        self.bn = None
+        replace_branches(self, 'fc1', self.get_equivalent_fc1,
+                         partial(nn.Linear, self.fc1.in_features, self.fc1.out_features),
+                         clear=['bn'])
         return self
 
 
@@ -136,7 +132,7 @@ class ChannelGlobalPerceptron(nn.Module):
 
 
 @MODELS.register_module()
-class RepMLPBlock(BaseModule):
+class RepMLPBlock(BaseModule, Foldable):
     """RepMLP block (arXiv 2105.01883): global, partition and local perceptrons.
 
     The input is cut into ``h x w`` partitions. The partition perceptron ``fc3`` is a
@@ -350,19 +346,13 @@ class RepMLPBlock(BaseModule):
         """
         if self.folded:
             return self
-        with torch.inference_mode(False), torch.no_grad():
-            weight, bias = self.get_equivalent_fc3()
-            fc3 = nn.Conv2d(self.fc3.in_channels, self.fc3.out_channels, 1,
-                            groups=self.groups, bias=True, device=weight.device,
-                            dtype=weight.dtype)
-            fc3.weight.copy_(weight)
-            fc3.bias.copy_(bias)
+        replace_branches(self, 'fc3', self.get_equivalent_fc3,
+                         partial(nn.Conv2d, self.fc3.in_channels, self.fc3.out_channels, 1,
+                                 groups=self.groups, bias=True),
+                         delete=[f'repconv{k}' for k in self.reparam_conv_kernels],
+                         clear=['fc3_bn'])
         if isinstance(self.gp, Foldable):
             self.gp.fold()
-        for k in self.reparam_conv_kernels:
-            delattr(self, f'repconv{k}')
-        self.fc3 = fc3
-        self.fc3_bn = None
         self.deploy = True
         return self
 

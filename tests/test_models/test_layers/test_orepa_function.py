@@ -2,23 +2,81 @@
 of its passes (torch operators, and the compiled CPU extension)."""
 import logging
 import os
+from typing import Optional
 
 import pytest
 import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from mmreparam.models.layers import OREPA, OREPA1x1, OREPAVGGBlock, orepa_function
 from mmreparam.models.layers.fuse import dw_pw_to_full, merge_1x1_kxk
 from mmreparam.models.layers.orepa_function import (
     CPUPasses,
-    OREPA1x1KernelFunction,
-    OREPAKernelFunction,
     TorchPasses,
+    orepa_1x1_kernel,
+    orepa_1x1_kernel_grads,
+    orepa_kernel,
+    orepa_kernel_grads,
     passes_for,
 )
 from mmreparam.testing import literal_orepa_kernel, randomize_parameters
 
 F64 = torch.float64
 PASSES = [TorchPasses, CPUPasses]
+
+
+class OREPAKernelFunction(torch.autograd.Function):
+    """:func:`~mmreparam.models.layers.orepa_function.orepa_kernel` and its hand-written
+    backward (``orepa_kernel_grads``) as one autograd node for one generator, the way the
+    library runs them for a batch (``OREPABatchKernelFunction``).
+
+    ``apply(*tensors, groups, passes=None)``: the 11 tensors as ``orepa_kernel`` takes them;
+    ``passes`` None picks by device and dtype (``passes_for``). Returns the
+    ``(o, ig, k, k)`` kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, origin: Tensor, v_origin: Tensor, coef: Tensor, v_coef: Tensor,
+                pattern: Tensor, conv2: Tensor, conv1: Tensor, v_seq: Tensor, pw: Tensor,
+                dw: Tensor, v_dwpw: Tensor, groups: int,
+                passes: Optional[type] = None) -> Tensor:
+        passes = passes or passes_for(origin)
+        tensors = (origin, v_origin, coef, v_coef, pattern, conv2, conv1, v_seq, pw, dw,
+                   v_dwpw)
+        ctx.groups, ctx.passes = groups, passes
+        ctx.save_for_backward(*tensors)
+        return orepa_kernel(passes, *tensors, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        return orepa_kernel_grads(ctx.passes, ctx.needs_input_grad[:11], grad,
+                                  *ctx.saved_tensors, ctx.groups) + (None, None)
+
+
+class OREPA1x1KernelFunction(torch.autograd.Function):
+    """:func:`~mmreparam.models.layers.orepa_function.orepa_1x1_kernel` and its hand-written
+    backward (``orepa_1x1_kernel_grads``) as one autograd node.
+
+    ``apply(origin, v_origin, conv2, conv1, v_product, passes=None)``, shaped as
+    ``orepa_1x1_kernel`` takes them; ``passes`` as :class:`OREPAKernelFunction`. Returns the
+    ``(b, o, i)`` kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, origin: Tensor, v_origin: Tensor, conv2: Tensor, conv1: Tensor,
+                v_product: Tensor, passes: Optional[type] = None) -> Tensor:
+        passes = passes or passes_for(origin)
+        ctx.passes = passes
+        ctx.save_for_backward(origin, v_origin, conv2, conv1, v_product)
+        return orepa_1x1_kernel(passes, origin, v_origin, conv2, conv1, v_product)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        return orepa_1x1_kernel_grads(ctx.passes, ctx.needs_input_grad[:5], grad,
+                                      *ctx.saved_tensors) + (None, )
 
 
 def test_extension_is_built():
