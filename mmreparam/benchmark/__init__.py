@@ -28,8 +28,8 @@ writes its own tables; block types come from the block registry):
 - ``det``: mmdet Faster R-CNN training iteration, OREPA-R50 / R50, at 320x320.
 
 On CPU, denormal floats are flushed to zero (``torch.set_flush_denormal``) for all
-configurations: with them an OREPA-R50 Faster R-CNN step took 10 s instead of 4.5 s (R50:
-2.9 s either way), as one would set when training on CPU.
+configurations alike, as one would when training on CPU: denormal arithmetic is many times
+slower there and hit the OREPA detector far more than the plain one.
 """
 from typing import Dict, Optional, Sequence
 
