@@ -13,7 +13,7 @@ from mmreparam.registry import HOOKS
 
 def test_metrics_json_hook_writes_the_test_metrics(tmp_path):
     path = tmp_path / 'metrics.json'
-    hook = HOOKS.build(dict(type='MetricsJsonHook', path=str(path)))
+    hook = HOOKS.build(dict(type='mmreparam.MetricsJsonHook', path=str(path)))
     assert isinstance(hook, MetricsJsonHook)
     hook.after_test_epoch(SimpleNamespace(), metrics={'coco/bbox_mAP': 0.5, 'name': 'x'})
     assert json.loads(path.read_text()) == {'coco/bbox_mAP': 0.5, 'name': 'x'}
