@@ -11,16 +11,16 @@ after the fold and after int8 quantization, the int8 vs float error, the paramet
 the CPU latency of each form.
 """
 import argparse
-import contextlib
 import json
-import logging
 import os
 import os.path as osp
-import statistics
 import sys
 import time
 
 import torch
+
+from mmreparam.benchmark.demo import measure, results_table
+from mmreparam.cli.steps import output_to, run_step
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # int8 calibration and held-back images (of the 16 val images): few, to keep the demo short.
@@ -37,72 +37,7 @@ TASKS = {
 
 def run(step: str, cmd: list, log_path: str) -> None:
     """Run a tool as a step of the demo (:func:`mmreparam.cli.steps.run_step`)."""
-    from mmreparam.cli.steps import run_step
     run_step(step, cmd, log_path, cwd=ROOT, prefix='[demo]')
-
-
-@contextlib.contextmanager
-def output_to(log_path: str):
-    """Send what this process prints (print, warnings, mmengine's console log) to a log
-    file for the duration of the block, as :func:`run` keeps a tool's whole log."""
-    from mmengine.logging import MMLogger
-    MMLogger.get_current_instance()  # the console handler exists before the redirection
-    handlers = [h for logger in MMLogger._instance_dict.values() for h in logger.handlers
-                if type(h) is logging.StreamHandler]  # console, not file handlers
-    with open(log_path, 'w') as log, contextlib.redirect_stdout(log), \
-            contextlib.redirect_stderr(log):
-        streams = [h.setStream(log) for h in handlers]
-        try:
-            yield
-        finally:
-            for handler, stream in zip(handlers, streams):
-                handler.setStream(stream)
-
-
-def latency(model, inputs, repeats=10) -> float:
-    """Median seconds of one forward (eval, no grad) after two warm-up runs."""
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 2):
-            start = time.perf_counter()
-            model(**inputs)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure(config: str, checkpoint: str, int8_dir: str) -> dict:
-    """Parameters and latency of the train-time model and its fold, on one val batch, and
-    the int8 quantization of the fold (its report, see :func:`quantize_int8`)."""
-    import copy
-
-    from mmengine.config import Config
-    from mmengine.runner import Runner
-
-    import mmreparam
-    from mmreparam.apis import quantize_int8
-    from mmreparam.cli.model import build_model, load_weights
-    cfg = Config.fromfile(osp.join(ROOT, config))
-    for split in ('val', 'test'):
-        dataset = cfg[f'{split}_dataloader'].dataset
-        dataset.data_root = osp.join(ROOT, dataset.data_root)
-        evaluator = cfg.get(f'{split}_evaluator')
-        if evaluator and evaluator.get('ann_file'):
-            evaluator.ann_file = osp.join(ROOT, evaluator.ann_file)
-    model = build_model(cfg)
-    load_weights(model, checkpoint)
-    model.eval()
-    folded = mmreparam.fold(model)
-    loader = Runner.build_dataloader(cfg.test_dataloader)
-    batch = model.data_preprocessor(copy.deepcopy(next(iter(loader))), False)
-    inputs = dict(inputs=batch['inputs'][:1], data_samples=batch['data_samples'][:1],
-                  mode='tensor')
-    stats = dict(params=sum(p.numel() for p in model.parameters()),
-                 params_folded=sum(p.numel() for p in folded.parameters()),
-                 latency=latency(model, inputs), latency_folded=latency(folded, inputs))
-    stats['int8'] = quantize_int8(folded, cfg, int8_dir, calib_images=CALIB_IMAGES,
-                                  eval_images=EVAL_IMAGES, latency_runs=10)
-    return stats
 
 
 def measure_task(n: int, task: str, ckpt: str, metrics: dict, work: str) -> tuple:
@@ -113,7 +48,7 @@ def measure_task(n: int, task: str, ckpt: str, metrics: dict, work: str) -> tupl
           f'the folded backbone (+ neck), {CALIB_IMAGES} calibration images', flush=True)
     int8_dir = osp.join(work, task, 'int8')
     with output_to(osp.join(work, f'{task}_measure.log')):
-        stats = measure(spec['config'], ckpt, int8_dir)
+        stats = measure(spec['config'], ckpt, int8_dir, ROOT, CALIB_IMAGES, EVAL_IMAGES)
     int8, metric = stats['int8'], spec['metric']
     print(f'        int8: {metric} {int8["int8"]["metrics"][metric]:.3f} (float ONNX '
           f'{int8["float"]["metrics"][metric]:.3f}); {int8["float"]["size_bytes"] / 2**20:.1f}'
@@ -122,31 +57,6 @@ def measure_task(n: int, task: str, ckpt: str, metrics: dict, work: str) -> tupl
     meta = torch.load(osp.join(work, task, 'deploy.pth'), map_location='cpu',
                       weights_only=True)['meta']
     return spec['label'], metric, metrics, stats, meta.get('fold_error') or {}
-
-
-def results_table(rows) -> str:
-    """The demo's table (markdown): one row per task from :func:`measure_task`."""
-    lines = [
-        '| model | metric, train-time | metric, folded | metric, int8 (float ONNX) | '
-        'fold error (max rel) | int8 vs float features: worst cosine, rel. error | '
-        'params train-time / folded | CPU latency train-time / folded (1 image) | '
-        'onnxruntime latency float / int8 (backbone + neck if any) |',
-        '|---|---|---|---|---|---|---|---|---|'
-    ]
-    for label, metric, metrics, stats, err in rows:
-        int8 = stats['int8']
-        outputs = int8['outputs']
-        lines.append(
-            f'| {label} | {metrics["train-time"]:.3f} | {metrics["folded"]:.3f} | '
-            f'{int8["int8"]["metrics"][metric]:.3f} '
-            f'({int8["float"]["metrics"][metric]:.3f}) | '
-            f'{err.get("max_rel", float("nan")):.2g} | '
-            f'{min(o["cosine_min"] for o in outputs):.4f}, '
-            f'{max(o["rel_error"] for o in outputs):.3f} | '
-            f'{stats["params"] / 1e6:.1f}M / {stats["params_folded"] / 1e6:.1f}M | '
-            f'{stats["latency"] * 1e3:.0f} ms / {stats["latency_folded"] * 1e3:.0f} ms | '
-            f'{int8["float"]["latency_ms"]:.0f} ms / {int8["int8"]["latency_ms"]:.0f} ms |')
-    return '\n'.join(lines)
 
 
 def main():

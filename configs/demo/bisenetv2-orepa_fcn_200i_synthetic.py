@@ -4,9 +4,8 @@
 # widths a quarter of BiSeNetV2's; the branches and block types are BiSeNetV2's.
 _base_ = [
     'mmseg::_base_/models/bisenetv2.py', './synthetic_cityscapes_segmentation.py',
-    'mmseg::_base_/default_runtime.py', '../_base_/reparam.py'
+    './_base_/schedule_200i_seg.py'
 ]
-max_iters = 200
 norm_cfg = dict(type='BN', requires_grad=True)
 aux = dict(type='FCNHead', num_convs=2, num_classes=4, norm_cfg=norm_cfg, concat_input=False,
            align_corners=False,
@@ -26,22 +25,9 @@ model = dict(
         dict(in_channels=16, channels=32, in_index=3, **aux),
         dict(in_channels=32, channels=64, in_index=4, **aux),
     ])
-optim_wrapper = dict(type='OptimWrapper', clip_grad=dict(max_norm=10),
-                     optimizer=dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=5e-4))
+optim_wrapper = dict(optimizer=dict(lr=0.05))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=30),
-    dict(type='PolyLR', eta_min=1e-4, power=1.0, begin=30, end=max_iters, by_epoch=False)
+    dict(type='PolyLR', eta_min=1e-4, power=1.0, begin=30, end={{_base_.max_iters}},
+         by_epoch=False)
 ]
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
-val_cfg = dict(type='ValLoop')
-test_cfg = dict(type='TestLoop')
-default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=20, log_metric_by_epoch=False),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=max_iters),
-    sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='SegVisualizationHook'))
-custom_hooks = [{{_base_.fold_hook}}]
-env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
-randomness = dict(seed=0)

@@ -3,11 +3,7 @@
 # the plain mmdet RTMDet. To fit a few minutes on 2 cores the images are small and the
 # widths a third of RTMDet-tiny's (widen_factor=0.125); depth and block types are tiny's.
 # The model is RTMDet's (mmdet's rtmdet_l config) with BN and without the ImageNet init.
-_base_ = [
-    './synthetic_coco_detection.py', 'mmdet::_base_/schedules/schedule_1x.py',
-    'mmdet::_base_/default_runtime.py', '../_base_/reparam.py'
-]
-max_iters = 200
+_base_ = ['./synthetic_coco_detection.py', './_base_/schedule_200i_det.py']
 norm_cfg = dict(type='BN')
 act_cfg = dict(type='SiLU', inplace=True)
 model = dict(
@@ -37,19 +33,12 @@ model = dict(
                    allowed_border=-1, pos_weight=-1, debug=False),
     test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.001,
                   nms=dict(type='nms', iou_threshold=0.65), max_per_img=100))
-train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
-                 val_interval=max_iters)
 optim_wrapper = dict(_delete_=True, type='OptimWrapper', clip_grad=dict(max_norm=10),
                      optimizer=dict(type='AdamW', lr=0.004, weight_decay=0.05),
                      paramwise_cfg=dict(norm_decay_mult=0, bias_decay_mult=0,
                                         bypass_duplicate=True))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=30),
-    dict(type='CosineAnnealingLR', by_epoch=False, begin=30, end=max_iters, eta_min=2e-4)
+    dict(type='CosineAnnealingLR', by_epoch=False, begin=30, end={{_base_.max_iters}},
+         eta_min=2e-4)
 ]
-default_hooks = dict(logger=dict(interval=20),
-                     checkpoint=dict(by_epoch=False, interval=max_iters))
-log_processor = dict(by_epoch=False)
-custom_hooks = [{{_base_.fold_hook}}]
-env_cfg = dict(dist_cfg=dict(backend='gloo'))
-randomness = dict(seed=0, deterministic=False)

@@ -1,5 +1,7 @@
 """Multi-step tools (``tools/demo.py``, ``tools/quant_report.py``): each step runs another
 tool in a subprocess, keeps its whole log in a file and shows only its progress lines."""
+import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -39,3 +41,25 @@ def run_step(step: str, cmd: Sequence[str], log_path: str, cwd: str,
                 print('        ' + line.split(' - INFO - ')[-1].rstrip()[:150], flush=True)
         if proc.wait() != 0:
             sys.exit(f'{tag}{step} failed (exit {proc.returncode}); see {log_path}')
+
+
+@contextlib.contextmanager
+def output_to(log_path: str):
+    """Send what this process prints (print, warnings, mmengine's console log) to a log
+    file for the duration of the block, as :func:`run_step` keeps a tool's whole log.
+
+    Args:
+        log_path (str): The log file (replaced).
+    """
+    from mmengine.logging import MMLogger
+    MMLogger.get_current_instance()  # the console handler exists before the redirection
+    handlers = [h for logger in MMLogger._instance_dict.values() for h in logger.handlers
+                if type(h) is logging.StreamHandler]  # console, not file handlers
+    with open(log_path, 'w') as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        streams = [h.setStream(log) for h in handlers]
+        try:
+            yield
+        finally:
+            for handler, stream in zip(handlers, streams):
+                handler.setStream(stream)

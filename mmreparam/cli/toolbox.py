@@ -1,19 +1,18 @@
 """Run the upstream mmdet / mmseg / mmpretrain tools for a config (``tools/train.py``,
 ``tools/test.py``): the toolbox is chosen from the config, the rest is theirs."""
 import argparse
-import contextlib
 import copy
 import datetime
 import importlib
-import json
-import logging
 import os
 import os.path as osp
 import runpy
 import sys
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from mmengine.config import Config
+
+from ..engine.hooks.tool_hooks import fold_check_warning
 
 TOOLBOXES = ('mmdet', 'mmseg', 'mmpretrain')
 
@@ -75,12 +74,15 @@ def run_upstream_tool(name: str, argv: List[str], metrics_json: Optional[str] = 
 
     ``argv[0]`` must be the config path; the other arguments are passed through unchanged.
     mmreparam is imported first, so its registry scope and safe checkpoint loading are
-    active. With ``metrics_json``, the metrics returned by ``Runner.test()`` are also
-    written there as JSON.
+    active. mmreparam's hooks join the run through its ``--cfg-options`` (see
+    :func:`_hook_options`): for ``test.py``, a WARNING when the checkpoint is a deploy
+    checkpoint marked ``fold_check=failed``; with ``metrics_json``, the metrics returned by
+    ``Runner.test()`` are also written there as JSON.
 
     Raises:
         FileNotFoundError: The config (or test.py's checkpoint) does not exist.
-        ValueError: The config's toolbox cannot be determined.
+        ValueError: The config's toolbox cannot be determined, or ``metrics_json`` cannot
+            be passed on (see :func:`_hook_options`).
     """
     import torch.distributed as dist
 
@@ -88,59 +90,40 @@ def run_upstream_tool(name: str, argv: List[str], metrics_json: Optional[str] = 
     cfg = check_tool_arguments(name, argv)
     toolbox = detect_toolbox(cfg)
     script = upstream_tool(toolbox, name)
+    hook_options = _hook_options(name, metrics_json)
     had_group = dist.is_available() and dist.is_initialized()
     argv = setup_cpu_distributed(cfg, argv)
     started_group = not had_group and dist.is_available() and dist.is_initialized()
-    with contextlib.ExitStack() as patches:
-        if metrics_json:
-            patches.enter_context(_dump_test_metrics(metrics_json))
-        if name == 'test.py':
-            patches.enter_context(_warn_on_failed_fold_check())
-        sys.argv = [script, *argv]
-        # The upstream scripts resolve relative imports from their own folder.
-        sys.path.insert(0, osp.dirname(script))
-        runpy.run_path(script, run_name='__main__')
+    sys.argv = [script, *argv, *hook_options]
+    # The upstream scripts resolve relative imports from their own folder.
+    sys.path.insert(0, osp.dirname(script))
+    runpy.run_path(script, run_name='__main__')
     if started_group and dist.is_initialized():
         _close_process_group()
 
 
-def fold_check_warning(checkpoint: Any, path: str) -> Optional[str]:
-    """The warning for a deploy checkpoint whose fold check failed when it was written
-    (``meta['fold_check']['status'] == 'failed'``, see :class:`mmreparam.FoldHook`), else
-    None."""
-    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
-    check = meta.get('fold_check') if isinstance(meta, dict) else None
-    if not isinstance(check, dict) or check.get('status') != 'failed':
-        return None
-    error = meta.get('fold_error') or {}
-    measured = f'fold error {error["max_rel"]:.3g}' if isinstance(
-        error.get('max_rel'), float) else 'a fold error'
-    where = f' on {check["measured_on"]}' if check.get('measured_on') else ''
-    return (f'{path} is marked fold_check=failed: when it was written, its {measured}{where} '
-            f'was above max_rel_error={check.get("max_rel_error", "?")}, so these metrics may '
-            'not be those of the trained model (check it again with tools/fold.py CONFIG '
-            'TRAIN_CHECKPOINT OUT_DIR)')
+def _hook_options(name: str, metrics_json: Optional[str]) -> List[str]:
+    """``--cfg-options`` that add mmreparam's hooks to this run's Runner (entries of its
+    ``default_hooks``, which mmengine registers like the others): for ``test.py`` the
+    :class:`~mmreparam.engine.hooks.tool_hooks.FoldCheckWarningHook`, with ``metrics_json``
+    the :class:`~mmreparam.engine.hooks.tool_hooks.MetricsJsonHook`.
 
-
-@contextlib.contextmanager
-def _warn_on_failed_fold_check():
-    """Make ``Runner.load_checkpoint`` log :func:`fold_check_warning` (rank 0's log)."""
-    from mmengine.logging import print_log
-    from mmengine.runner import Runner
-    original = Runner.load_checkpoint
-
-    def load_and_warn(self, filename, *args, **kwargs):
-        checkpoint = original(self, filename, *args, **kwargs)
-        warning = fold_check_warning(checkpoint, filename)
-        if warning:
-            print_log(f'mmreparam: {warning}', logger='current', level=logging.WARNING)
-        return checkpoint
-
-    Runner.load_checkpoint = load_and_warn
-    try:
-        yield
-    finally:
-        Runner.load_checkpoint = original
+    Raises:
+        ValueError: ``metrics_json`` would not pass through ``--cfg-options`` unchanged
+            (mmengine's parser drops spaces and splits at commas and brackets).
+    """
+    from mmengine.config import DictAction
+    options = []
+    if name == 'test.py':
+        options.append('default_hooks.mmreparam_fold_check.type=mmreparam.FoldCheckWarningHook')
+    if metrics_json:
+        path = osp.abspath(metrics_json)
+        if DictAction._parse_iterable(path) != path:
+            raise ValueError(f'--metrics-json {metrics_json!r}: use a path without spaces, '
+                             'commas, brackets or quotes (it is passed in --cfg-options)')
+        options += ['default_hooks.mmreparam_metrics_json.type=mmreparam.MetricsJsonHook',
+                    f'default_hooks.mmreparam_metrics_json.path={path}']
+    return ['--cfg-options', *options] if options else []
 
 
 def _close_process_group() -> None:
@@ -155,33 +138,8 @@ def _close_process_group() -> None:
     dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def _dump_test_metrics(path: str):
-    from mmengine.runner import Runner
-
-    from ..fileio import atomic_write
-    original = Runner.test
-
-    def test_and_dump(self):
-        metrics = original(self)
-        atomic_write(path, lambda tmp: _write_json(tmp, metrics))
-        return metrics
-
-    Runner.test = test_and_dump
-    try:
-        yield
-    finally:
-        Runner.test = original
-
-
-def _write_json(path: str, metrics: dict) -> None:
-    with open(path, 'w') as f:
-        json.dump({k: float(v) if hasattr(v, '__float__') else v
-                   for k, v in (metrics or {}).items()}, f, indent=2)
-
-
 __all__ = ['TOOLBOXES', 'detect_toolbox', 'upstream_tool', 'check_tool_arguments',
-           'run_upstream_tool', 'fold_check_warning']
+           'run_upstream_tool', 'fold_check_warning']  # fold_check_warning: the old path
 
 
 def _launch_args(argv: List[str]) -> argparse.Namespace:

@@ -1,5 +1,5 @@
-"""tools/upstream_suite.py: upstream names replaced by ours, per-test and per-section results,
-the JSON report, bad input."""
+""".dev_scripts/upstream_suite.py: upstream names replaced by ours, per-test and per-section
+results, the JSON report, bad input."""
 import json
 import subprocess
 import sys
@@ -45,7 +45,8 @@ def is_block(module):
 
 
 def run_tool(*args):
-    return subprocess.run([sys.executable, str(REPO / 'tools' / 'upstream_suite.py'), *args],
+    script = REPO / '.dev_scripts' / 'upstream_suite.py'
+    return subprocess.run([sys.executable, str(script), *args],
                           capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
@@ -104,7 +105,7 @@ def test_bad_input_is_one_message(upstream, tmp_path):
     result = run_tool(str(upstream))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f'tools/upstream_suite.py: error: {upstream} imports .utils, but '
+        f'.dev_scripts/upstream_suite.py: error: {upstream} imports .utils, but '
         f'{upstream.parent / "utils.py"} is not there: put the upstream helper module next '
         'to the test file']
     result = run_tool(str(tmp_path / 'nothing.py'))

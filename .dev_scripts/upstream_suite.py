@@ -1,11 +1,12 @@
 """Run an upstream backbone test file against mmreparam's classes.
 
-Usage::
+A development tool (for measuring, see docs/upstream_suites.md; not shipped with the wheel's
+``tools/``). Usage::
 
-    python tools/upstream_suite.py work_dirs/upstream/mmdet-3.3.0/test_resnet.py
-    python tools/upstream_suite.py FILE --sections --json work_dirs/upstream/mmdet.json
-    python tools/upstream_suite.py FILE -- -k bottleneck     # arguments after -- go to pytest
-    python tools/upstream_suite.py FILE --upstream           # the baseline: upstream's classes
+    python .dev_scripts/upstream_suite.py work_dirs/upstream/mmdet-3.3.0/test_resnet.py
+    python .dev_scripts/upstream_suite.py FILE --sections --json work_dirs/upstream/mmdet.json
+    python .dev_scripts/upstream_suite.py FILE -- -k bottleneck  # arguments after -- to pytest
+    python .dev_scripts/upstream_suite.py FILE --upstream  # the baseline: upstream's classes
 
 The test file (mmdet's or mmseg's ``tests/test_models/test_backbones/test_resnet.py``,
 mmpretrain's ``test_repvgg.py``, ...) is copied, with the helper modules it imports
@@ -437,7 +438,7 @@ def main(argv=None) -> int:
         result['report'] = run_suite(Path(args.test_file), args.sections, args.pytest_args,
                                      substitute=not args.upstream)
 
-    status = run_tool('tools/upstream_suite.py', body,
+    status = run_tool('.dev_scripts/upstream_suite.py', body,
                       errors=(OSError, ValueError, RuntimeError, SyntaxError))
     if status:
         return status

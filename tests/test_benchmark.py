@@ -1,0 +1,42 @@
+"""mmreparam.benchmark: the tables' Markdown, the page, and block types from the registry."""
+import pytest
+
+from mmreparam.benchmark import SECTIONS, BenchmarkSettings, Report, Table, benchmark_markdown
+from mmreparam.models.layers.factory import REPARAM_TYPES
+
+
+def test_table_markdown_with_intro_and_notes():
+    table = Table('Title', ['a', 'b'], intro='Before.', notes=['After.'])
+    table.add('x', 1.5)
+    assert table.lines() == ['## Title', '', 'Before.', '', '| a | b |', '|---|---|',
+                             '| x | 1.5 |', '', 'After.', '']
+    with pytest.raises(ValueError, match='a row of 1 cells for 2 columns'):
+        table.add('only one')
+
+
+def test_page_has_the_heading_the_command_and_every_table_in_order():
+    first, second = Table('One', ['a']), Table('Two', ['b'])
+    first.add(1)
+    reports = dict(fold=Report([first]), launches=Report([]), det=Report([second]))
+    text = benchmark_markdown(reports, BenchmarkSettings(repeats=3), 90,
+                              'python tools/benchmark.py --only fold det')
+    lines = text.splitlines()
+    assert lines[0] == '# mmreparam benchmark'
+    assert lines[2].startswith('Measured ') and lines[2].endswith(
+        'median of 3 runs (min-max), in 1.5 min with '
+        '`python tools/benchmark.py --only fold det`.')
+    assert [line for line in lines if line.startswith('## ')] == ['## One', '## Two']
+
+
+def test_block_types_come_from_the_registry():
+    settings = BenchmarkSettings()
+    assert settings.reparams == list(REPARAM_TYPES)
+    assert BenchmarkSettings(reparams=['DBB']).reparams == ['base', 'DBB']  # ratios to base
+    with pytest.raises(ValueError, match="unknown reparam \\['nope'\\]"):
+        BenchmarkSettings(reparams=['nope'])
+    assert list(SECTIONS) == ['train', 'ops', 'launches', 'kernel', 'block', 'infer', 'fold',
+                              'det']
+
+
+def test_launches_reports_nothing_without_cuda():
+    assert SECTIONS['launches'](BenchmarkSettings(device='cpu')).tables == []
