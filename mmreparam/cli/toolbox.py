@@ -9,6 +9,7 @@ import os.path as osp
 import runpy
 import sys
 from typing import List, Optional
+from urllib.parse import quote
 
 from mmengine.config import Config
 
@@ -108,21 +109,17 @@ def _hook_options(name: str, metrics_json: Optional[str]) -> List[str]:
     :class:`~mmreparam.engine.hooks.tool_hooks.FoldCheckWarningHook`, with ``metrics_json``
     the :class:`~mmreparam.engine.hooks.tool_hooks.MetricsJsonHook`.
 
-    Raises:
-        ValueError: ``metrics_json`` would not pass through ``--cfg-options`` unchanged
-            (mmengine's parser drops spaces and splits at commas and brackets).
+    The path is percent-encoded: mmengine's option parser drops spaces and splits at commas
+    and brackets.
     """
-    from mmengine.config import DictAction
     options = []
     if name == 'test.py':
         options.append('default_hooks.mmreparam_fold_check.type=mmreparam.FoldCheckWarningHook')
     if metrics_json:
-        path = osp.abspath(metrics_json)
-        if DictAction._parse_iterable(path) != path:
-            raise ValueError(f'--metrics-json {metrics_json!r}: use a path without spaces, '
-                             'commas, brackets or quotes (it is passed in --cfg-options)')
+        path = quote(osp.abspath(metrics_json), safe='/')
         options += ['default_hooks.mmreparam_metrics_json.type=mmreparam.MetricsJsonHook',
-                    f'default_hooks.mmreparam_metrics_json.path={path}']
+                    f'default_hooks.mmreparam_metrics_json.path={path}',
+                    'default_hooks.mmreparam_metrics_json.percent_encoded=True']
     return ['--cfg-options', *options] if options else []
 
 

@@ -4,6 +4,7 @@ Runner gets them through its config and no class is patched."""
 import json
 import logging
 from typing import Any, Optional
+from urllib.parse import unquote
 
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
@@ -56,10 +57,13 @@ class MetricsJsonHook(Hook):
 
     Args:
         path (str): The JSON file; replaced after every test epoch.
+        percent_encoded (bool): ``path`` is percent-encoded (``urllib.parse.quote``), as a
+            path given in ``--cfg-options`` must be to keep its spaces, commas and brackets
+            (mmengine's option parser drops or splits at them). Defaults to False.
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, percent_encoded: bool = False):
+        self.path = unquote(path) if percent_encoded else path
 
     def after_test_epoch(self, runner, metrics: Optional[dict] = None) -> None:
         """Write ``metrics`` (what ``Runner.test()`` returns) to :attr:`path`."""
