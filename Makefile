@@ -45,6 +45,7 @@ clean-env:
 demo: env
 	$(PY) tools/demo.py
 
-# Benchmarks (about 10 minutes on 2 CPU cores); writes docs/benchmark/benchmark.{md,png}.
+# Benchmarks of every registered block type (about 10 minutes on 2 CPU cores for four of
+# them; longer since all seven are measured); writes docs/benchmark/benchmark.{md,png}.
 bench: env
 	$(PY) tools/benchmark.py --out docs/benchmark --repeats 3 --rounds 2
