@@ -25,6 +25,7 @@ from .fuse import (
     merge_1x1_kxk,
     pad_kernel,
 )
+from .se import SELayer
 
 
 class ConvBNBranch(nn.Module):
@@ -310,7 +311,7 @@ class RepVGGBlock(ReparamBlock):
     def __init__(self, *args, use_se: bool = False, se_ratio: int = 16, **kwargs):
         super().__init__(*args, **kwargs)
         if use_se:
-            self.se = SEBlock(self.out_channels, self.out_channels // se_ratio)
+            self.se = SELayer(self.out_channels, squeeze_channels=self.out_channels // se_ratio)
 
     def _build_branches(self) -> None:
         """The dense, 1x1 and identity branches (:class:`OREPAVGGBlock` swaps the dense)."""
@@ -420,23 +421,3 @@ class QARepVGGBlock(RepVGGBlock):
         put_bn(state, 'rbr_dense.bn.', self.rbr_dense.bn, Affine(torch.zeros_like(affine.bias)))
         state['rbr_1x1.weight'] = torch.zeros_like(state['rbr_1x1.weight'])
         put_bn(state, 'bn.', self.bn, affine)
-
-
-class SEBlock(nn.Module):
-    """Squeeze-and-excitation as in the official RepVGG (``down`` and ``up`` 1x1 convs).
-
-    Args:
-        channels (int): Channels of the input.
-        internal_channels (int): Channels of the bottleneck.
-    """
-
-    def __init__(self, channels: int, internal_channels: int):
-        super().__init__()
-        self.down = nn.Conv2d(channels, internal_channels, 1, bias=True)
-        self.up = nn.Conv2d(internal_channels, channels, 1, bias=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Scale each channel by a gate computed from the global average."""
-        gate = F.adaptive_avg_pool2d(x, 1)
-        gate = torch.sigmoid(self.up(F.relu(self.down(gate))))
-        return x * gate
