@@ -1,4 +1,12 @@
-"""Re-parameterizable blocks and the fold math."""
+"""Re-parameterizable blocks and the fold math.
+
+Every module of this package is imported here (the loop below), so that a block type in a
+new module registers itself (``@MODELS.register_module()``) and is picked up by the factory,
+``reparameterize``, the checkpoint converter and the regularizer with no other edit.
+"""
+import importlib
+import pkgutil
+
 from .base import Foldable, ReparamBlock, build_bn
 from .branches import ACB, DBB, BNAndPad, ConvBN, QARepVGGBlock, RepVGGBlock
 from .csla import CSLABlock, ScaleLayer
@@ -14,3 +22,6 @@ __all__ = [
     'OREPA', 'OREPA1x1', 'OREPAKernel', 'OREPALargeConv', 'OREPAVGGBlock', 'Foldable',
     'RepMLPBlock', 'PartitionGlobalPerceptron', 'ChannelGlobalPerceptron'
 ]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f'{__name__}.{_module.name}')
