@@ -25,7 +25,7 @@ from .fuse import (
     merge_1x1_kxk,
     pad_kernel,
 )
-from .se import SELayer
+from .se import SEBlock
 
 
 class ConvBNBranch(nn.Module):
@@ -316,7 +316,7 @@ class RepVGGBlock(ReparamBlock):
     def __init__(self, *args, use_se: bool = False, se_ratio: int = 16, **kwargs):
         super().__init__(*args, **kwargs)
         if use_se:
-            self.se = SELayer(self.out_channels, squeeze_channels=self.out_channels // se_ratio)
+            self.se = SEBlock(self.out_channels, self.out_channels // se_ratio)
 
     def _build_branches(self) -> None:
         """The dense, 1x1 and identity branches (:class:`OREPAVGGBlock` swaps the dense)."""

@@ -47,6 +47,8 @@ class SELayer(BaseModule):
         init_cfg (dict, optional): Initialization config. Defaults to None.
     """
 
+    _min_squeeze = 1
+
     def __init__(self,
                  channels: int,
                  squeeze_channels: Optional[int] = None,
@@ -68,7 +70,7 @@ class SELayer(BaseModule):
             raise ValueError(f'se_cfg act_cfg must be a dict or two dicts, got {act_cfg!r}')
         if squeeze_channels is None:
             squeeze_channels = make_divisible(channels // ratio, divisor)
-        if not isinstance(squeeze_channels, int) or squeeze_channels < 1:
+        if not isinstance(squeeze_channels, int) or squeeze_channels < self._min_squeeze:
             raise ValueError(f'SE squeeze_channels must be a positive int, got '
                              f'{squeeze_channels!r}')
         if bias not in ('auto', True, False):
@@ -87,12 +89,16 @@ class SELayer(BaseModule):
 
 class SEBlock(SELayer):
     """The official RepVGG's SE, ``SEBlock(channels, internal_channels)``: an
-    :class:`SELayer` with ``squeeze_channels=internal_channels`` (same function and keys).
+    :class:`SELayer` with ``squeeze_channels=internal_channels`` (same function and keys),
+    but like the official one it takes ``internal_channels=0`` (``channels // 16`` of a
+    narrow block: the gate is then a constant per channel), which :class:`SELayer` refuses.
 
     Args:
         channels (int): Channels of the input.
         internal_channels (int): Channels of the bottleneck.
     """
+
+    _min_squeeze = 0
 
     def __init__(self, channels: int, internal_channels: int):
         super().__init__(channels, squeeze_channels=internal_channels)
