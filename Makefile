@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env env-compat test test-compat test-all lint demo bench clean-env
+.PHONY: env env-compat test test-compat test-all lint docs demo bench clean-env
 
 env:
 	@bash tools/bootstrap.sh
@@ -19,7 +19,7 @@ COMPAT_VENV := .venv-torch2.1
 # mmreparam is installed there from a copy (EDITABLE=0), and pytest runs from the venv's bin
 # (not `python -m`, which would put the source tree first on sys.path).
 env-compat:
-	@VENV=$(CURDIR)/$(COMPAT_VENV) REQS=$(CURDIR)/requirements/compat.txt EDITABLE=0 \
+	@VENV=$(CURDIR)/$(COMPAT_VENV) REQS=$(CURDIR)/requirements/compat.txt EDITABLE=0 DOCS=0 \
 		bash tools/bootstrap.sh
 
 test-compat: env-compat
@@ -28,6 +28,11 @@ test-compat: env-compat
 # The one linter and import sorter (ruff.toml); CI runs it before the tests.
 lint: env
 	.venv/bin/ruff check .
+
+# The documentation site (docs/en, Sphinx + myst-parser); CI runs it after the linter. Every
+# warning is an error: a broken link or toctree entry, or a docstring that does not parse.
+docs: env
+	.venv/bin/sphinx-build -W --keep-going -b html docs/en docs/en/_build/html
 
 # Everything, including the tests marked slow.
 test-all: env

@@ -1,4 +1,5 @@
-"""The README's examples run as written: Python snippets execute, config snippets load."""
+"""The examples of the README and the documentation pages (docs/en) run as written: Python
+snippets execute, config snippets load."""
 import re
 from pathlib import Path
 
@@ -6,10 +7,16 @@ from mmengine.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / 'README.md'
+DOCS = ROOT / 'docs' / 'en'
+PAGES = [README, *sorted(p for p in DOCS.rglob('*.md') if '_build' not in p.parts)]
 
 
 def blocks():
-    return re.findall(r'```python\n(.*?)```', README.read_text(), flags=re.S)
+    """The ``python`` blocks of the README and the docs pages, each once (the README repeats
+    some of the pages' examples)."""
+    found = [b for page in PAGES
+             for b in re.findall(r'```python\n(.*?)```', page.read_text(), flags=re.S)]
+    return list(dict.fromkeys(found))
 
 
 def test_readme_python_examples_run():

@@ -5,8 +5,8 @@
 #   PYTHON=python3.11 bash tools/bootstrap.sh
 #
 # Steps: venv -> build tools -> torch -> mmcv (built from its sdist, cached) -> OpenMMLab
-# packages -> mmreparam (editable) + test tools. A stamp file records the hash of the inputs,
-# so a second run returns within a second when nothing changed.
+# packages -> mmreparam (editable) + test and documentation tools. A stamp file records the
+# hash of the inputs, so a second run returns within a second when nothing changed.
 #
 # Environment knobs:
 #   PYTHON               interpreter for the venv (default: python3.11, else python3)
@@ -17,6 +17,8 @@
 #                        the source tree; 0: a regular install from a copy of the tree (a second
 #                        venv on another torch must not overwrite that extension); redone
 #                        whenever a file of the package changes
+#   DOCS                 1 (default): also the documentation tools (requirements/docs.txt,
+#                        `make docs`); 0: not (the second venv of make test-compat)
 #   MMREPARAM_CACHE      where built mmcv wheels are kept (default: ~/.cache/mmreparam)
 #   FORCE_CUDA=1         build mmcv with CUDA ops (default: only when torch sees a GPU)
 #   MAX_JOBS             parallel compile jobs for mmcv (default: number of cores)
@@ -26,6 +28,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}
 REQS=${REQS:-$ROOT/requirements/runtime.txt}
 EDITABLE=${EDITABLE:-1}
+DOCS=${DOCS:-1}
 CACHE=${MMREPARAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmreparam}
 MMCV_VERSION=2.1.0
 STAMP=$VENV/.mmreparam-bootstrap
@@ -52,9 +55,14 @@ package_files() {  # what a regular (non-editable) install copies
   fi
 }
 
+docs_requirements() {  # the documentation tools, in the venv that builds the docs
+  if [ "$DOCS" = 1 ]; then echo "$ROOT/requirements/docs.txt"; fi
+}
+
 inputs_hash() {
   # shellcheck disable=SC2046
-  { echo "editable=$EDITABLE"; cat "$REQS" "$ROOT"/requirements/{build,tests,deploy}.txt \
+  { echo "editable=$EDITABLE docs=$DOCS"; cat "$REQS" \
+    "$ROOT"/requirements/{build,tests,deploy}.txt $(docs_requirements) \
     "$ROOT/setup.py" "$ROOT/tools/bootstrap.sh" $(package_files); } \
     | sha256sum | cut -c1-16
 }
@@ -136,10 +144,14 @@ run_step "5/6 OpenMMLab packages (mmengine, mmdet, mmsegmentation, mmpretrain)"
 pip_ install -q "$MMCV_WHEEL" -r "$REQS"
 
 if [ "$EDITABLE" = 1 ]; then HOW=editable; else HOW="installed from a copy"; fi
-run_step "6/6 mmreparam ($HOW), test and ONNX export tools"
-# The stack's pins as constraints: a test or export tool must not move them (numpy < 2 on
-# the torch 2.1 stack).
-pip_ install -q -r "$ROOT/requirements/tests.txt" -r "$ROOT/requirements/deploy.txt" -c "$REQS"
+if [ "$DOCS" = 1 ]; then WITH_DOCS=", documentation tools"; else WITH_DOCS=""; fi
+run_step "6/6 mmreparam ($HOW), test and ONNX export tools$WITH_DOCS"
+# The stack's pins as constraints: a test, export or documentation tool must not move them
+# (numpy < 2 on the torch 2.1 stack).
+DOCS_REQS=()
+if [ "$DOCS" = 1 ]; then DOCS_REQS=(-r "$ROOT/requirements/docs.txt"); fi
+pip_ install -q -r "$ROOT/requirements/tests.txt" -r "$ROOT/requirements/deploy.txt" \
+  ${DOCS_REQS[@]+"${DOCS_REQS[@]}"} -c "$REQS"
 if [ "$EDITABLE" = 1 ]; then
   pip_ install -q --no-deps --no-build-isolation -e "$ROOT"
 else

@@ -50,6 +50,43 @@ def _plain_conv_forwards() -> Tuple[Any, ...]:
     return tuple(forwards)
 
 
+def _adaptive_padding_forward() -> Any:
+    try:  # TensorFlow's "same" padding, as mmpretrain's EfficientNet uses it
+        from mmcv.cnn.bricks.conv2d_adaptive_padding import Conv2dAdaptivePadding
+    except ImportError:  # pragma: no cover - mmcv is a dependency
+        return None
+    return Conv2dAdaptivePadding.forward
+
+
+def _adaptive_padding_problem(conv: nn.Module) -> Optional[str]:
+    """Why an mmcv ``Conv2dAdaptivePadding`` is not a conv with a fixed zero padding.
+
+    Its forward pads ``(k - 1) * dilation`` pixels in all (at stride 1), half on each side,
+    the extra pixel of an odd total at the end: a fixed symmetric padding when that total
+    is even. At stride 2 the padding depends on the input size.
+    """
+    if any(s != 1 for s in conv.stride):
+        return (f'{type(conv).__name__} at stride {conv.stride[0]} pads by the input size '
+                '(no fixed padding)')
+    if any((k - 1) * d % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
+        return f'{type(conv).__name__} pads an even kernel asymmetrically'
+    if any(conv.padding):
+        return f'{type(conv).__name__} with a padding of its own'
+    return None
+
+
+def fixed_padding_view(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` itself, or for a conv that pads in its forward with a fixed zero padding (an
+    mmcv ``Conv2dAdaptivePadding`` at stride 1 with an odd kernel) a shape-only
+    (``meta``) plain ``nn.Conv2d`` with that padding: what a block replacing it must be."""
+    if type(conv).forward is not _adaptive_padding_forward():
+        return conv
+    view = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                     tuple((k - 1) * d // 2 for k, d in zip(conv.kernel_size, conv.dilation)),
+                     conv.dilation, conv.groups, conv.bias is not None, device='meta')
+    return view
+
+
 @dataclass
 class ConvBNPair:
     """A convolution whose output goes into a BatchNorm (or, with ``kind``, a linear layer
@@ -164,6 +201,8 @@ def _conv_problem(conv: nn.Module) -> Optional[str]:
         if type(conv).forward is not nn.Linear.forward:
             return f'{type(conv).__name__} is not a plain linear layer (its own forward)'
         return None
+    if type(conv).forward is _adaptive_padding_forward():
+        return _adaptive_padding_problem(conv)
     if type(conv).forward not in _plain_conv_forwards():
         return f'{type(conv).__name__} is not a plain convolution (its own forward)'
     return None

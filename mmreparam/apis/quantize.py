@@ -10,10 +10,9 @@ float32: to measure a metric, the model's ``extract_feat`` is replaced by an onn
 session and the model runs through the config's evaluator as the test loop runs it.
 
 Why uint8 activations with int8 weights (U8S8) by default: it is what onnxruntime 1.31
-recommends for x86 CPUs, and measured here (AMD EPYC with AVX-512 VNNI, the demo's
-OREPA-R50 Faster R-CNN backbone + FPN) it gives the same error as int8 activations (S8S8)
-and half the latency (16 vs 33 ms per 128x128 image; float 37 ms). Activations are quantized
-asymmetrically (a zero point per tensor), so a post-ReLU range keeps all 256 levels.
+recommends for x86 CPUs (the measured comparison with int8 activations, S8S8, is in
+docs/en/user_guides/int8.md). Activations are quantized asymmetrically (a zero point per
+tensor), so a post-ReLU range keeps all 256 levels.
 ``activation_type='int8'`` selects S8S8, what onnxruntime recommends on ARM CPUs. On x86
 CPUs without VNNI, onnxruntime advises 7-bit weights (``reduce_range``) against saturation;
 that is not done here.

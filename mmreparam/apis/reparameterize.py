@@ -33,7 +33,14 @@ from ..models.layers.fuse import Affine
 from ..registry import MODELS
 from ..utils import without_pretrained
 from .fold import fold_error
-from .pairs import ConvBNPair, _reference_tensor, convmodule_pairs, example_inputs, search_pairs
+from .pairs import (
+    ConvBNPair,
+    _reference_tensor,
+    convmodule_pairs,
+    example_inputs,
+    fixed_padding_view,
+    search_pairs,
+)
 from .surgery import install_pair
 
 #: The largest relative difference the check accepts between the input module and the
@@ -118,8 +125,9 @@ def build_pair_block(block_type: type, block_args: dict, conv: nn.Conv2d,
                      norm: nn.Module) -> ReparamBlock:
     """A block of ``block_type`` computing ``norm(conv(x))`` in eval mode, all branches
     trainable (frozen when the conv's weight is), on the conv's device and dtype."""
+    padding = fixed_padding_view(conv).padding[0]
     block = block_type(conv.in_channels, conv.out_channels, conv.kernel_size[0],
-                       stride=conv.stride[0], padding=conv.padding[0],
+                       stride=conv.stride[0], padding=padding,
                        dilation=conv.dilation[0], groups=conv.groups, norm_cfg=_norm_cfg(norm),
                        act_cfg=None, **block_args)
     weight = conv.weight
@@ -236,7 +244,8 @@ def reparameterize(module: nn.Module,
         problem = pair.problem
         block_type = None
         if problem is None:
-            block_type, problem = _block_type_problem(name, module.get_submodule(pair.conv))
+            block_type, problem = _block_type_problem(
+                name, fixed_padding_view(module.get_submodule(pair.conv)))
         if problem is None:
             plan.append((pair, block_type))
         else:

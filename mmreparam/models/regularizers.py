@@ -36,12 +36,8 @@ parameters; and every longer key, such as ``'backbone.stem'``, needs its own
 
 Cost: every block's folded kernel is computed once more per training step, forward and
 backward (for OREPA a second run of every kernel generator, whose kernels the forward pass
-does not keep). The work is parameter-sized, independent of the batch. Measured on the CPU
-(2 threads, a loaded 2-core machine; CPU time per step of ``mmreparam.ResNet(depth=50)``
-with SGD, minimum of 7 alternated steps): the term alone took 0.63 s ('base'), 1.6 s (DBB)
-and 3.2 s (OREPA); a step at batch 2 of 64x64 took 0.79 / 1.5 / 4.1 s without it and
-2.0 / 3.6 / 7.9 s with it. At batch 2 of 224x224 the 'base' step went from 5.6 to 6.5 s
-(+15%); with real batch sizes the conv work grows and the term does not.
+does not keep). The work is parameter-sized, independent of the batch: with real batch
+sizes the conv work grows and the term does not (measured costs: docs/en/user_guides/int8.md).
 """
 import logging
 import math

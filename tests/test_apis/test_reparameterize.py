@@ -199,6 +199,50 @@ def test_timm_style_attribute_and_sequential_pairs():
     assert torch.equal(bn.running_mean, torch.zeros(8)) and torch.equal(bn.bias, torch.zeros(8))
 
 
+class SamePadded(nn.Module):
+    """EfficientNet's convs: mmcv's ``Conv2dAdaptivePadding`` (TensorFlow's "same")."""
+
+    def __init__(self):
+        super().__init__()
+        from mmcv.cnn.bricks.conv2d_adaptive_padding import Conv2dAdaptivePadding
+        self.down = Conv2dAdaptivePadding(3, 8, 3, stride=2, bias=False)  # pads by size
+        self.bn0 = nn.BatchNorm2d(8)
+        self.dw = Conv2dAdaptivePadding(8, 8, 5, groups=8, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dilated = Conv2dAdaptivePadding(8, 8, 3, dilation=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.even = Conv2dAdaptivePadding(8, 8, 2, bias=False)  # pads 0 before, 1 after
+        self.bn3 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.bn1(self.dw(self.bn0(self.down(x))))
+        return self.bn3(self.even(self.bn2(self.dilated(x))))
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_stride_one_same_padding_convs_are_replaced(dtype, tolerance):
+    """A ``Conv2dAdaptivePadding`` at stride 1 with an odd kernel pads by a fixed amount:
+    it is replaced, and folds back into itself; the others stay plain, with the reason."""
+    torch.manual_seed(0)
+    model = randomize_bn(SamePadded()).to(dtype).eval()
+    x = torch.randn(2, 3, 17, 19, dtype=dtype)  # odd sizes: the stride-2 padding varies
+    rep = mmreparam.reparameterize(model, 'OREPA')
+    report = rep.reparam_report
+    assert [c for c, _, _ in report.converted] == ['dw', 'dilated']
+    assert dict(report.left_plain) == {
+        'down': 'Conv2dAdaptivePadding at stride 2 pads by the input size (no fixed padding)',
+        'even': 'Conv2dAdaptivePadding pads an even kernel asymmetrically'}
+    assert rep.dw.padding == 2 and rep.dilated.padding == 2
+    assert max_rel((model, x), (evaluated(rep), x)) <= tolerance
+    randomize_parameters(rep, BRANCH_SCALES, seed=2)
+    randomize_bn(rep, seed=3)
+    folded = mmreparam.fold(rep)
+    assert type(folded.dw).__name__ == 'Conv2dAdaptivePadding' and folded.dw.padding == (0, 0)
+    fresh = SamePadded().to(dtype).eval()
+    fresh.load_state_dict(folded.state_dict(), strict=True)
+    assert max_rel((evaluated(rep), x), (fresh, x)) <= tolerance
+
+
 def test_upstream_state_dict_loads_and_expands():
     """A plain checkpoint of the upstream module loads into the re-parameterized one (the
     pair's plain keys are expanded on load), with the upstream outputs."""

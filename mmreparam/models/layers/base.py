@@ -144,20 +144,22 @@ class ReparamBlock(BaseModule):
     default_kernel_size: Optional[int] = None
     #: ``act_cfg`` when none is given.
     default_act_cfg: OptConfigType = None
-    #: Keys of the block's state_dict that identify its train-time form (empty: the type is
-    #: never recognised from a state_dict). Read from the class itself, not inherited.
+    #: tuple[str, ...]: Keys of the block's state_dict that identify its train-time form
+    #: (empty: the type is never recognised from a state_dict). Read from the class itself,
+    #: not inherited.
     state_markers: Tuple[str, ...] = ()
-    #: The ``reparam=`` values that put this block on convolutions (``('DBB', )``); read from
-    #: the class itself, not inherited. Several types may share a name, each for its own
-    #: kernel sizes (OREPA, OREPA1x1, OREPALargeConv): the first registered is the name's
-    #: main type (:data:`~mmreparam.models.layers.factory.REPARAM_TYPES`), the one that takes
-    #: the block arguments of a ``reparam`` dict. Empty: no ``reparam=`` value chooses it (a
+    #: tuple[str, ...]: The ``reparam=`` values that put this block on convolutions
+    #: (``('DBB', )``), read from the class itself, not inherited. Several types may share
+    #: a name, each for its own kernel sizes (OREPA, OREPA1x1, OREPALargeConv); the first
+    #: registered is the name's main type (``REPARAM_TYPES[name]``), the one that takes the
+    #: block arguments of a ``reparam`` dict. Empty: no ``reparam=`` value chooses it (a
     #: block that only a backbone builds, such as CSLABlock).
     reparam_names: Tuple[str, ...] = ()
-    #: The ``kxk`` convolutions a ``reparam=`` name of :attr:`reparam_names` gives this block:
-    #: ``(smallest k, largest k or None for no limit)``. The default, ``1 < k < 7``, is the
-    #: official rule of ACB, DBB and RepVGG; convolutions no type of the name takes stay
-    #: plain (:class:`ConvBN`). Grouped ones need :attr:`_supports_groups`.
+    #: tuple[int, int | None]: The ``kxk`` convolutions a ``reparam=`` name of
+    #: :attr:`reparam_names` gives this block, ``(smallest k, largest k or None for no
+    #: limit)``. The default, ``1 < k < 7``, is the official rule of ACB, DBB and RepVGG;
+    #: convolutions no type of the name takes stay plain (:class:`ConvBN`). Grouped ones
+    #: also need :attr:`_supports_groups`.
     chosen_kernel_sizes: Tuple[int, Optional[int]] = (2, 6)
 
     @classmethod

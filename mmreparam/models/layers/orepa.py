@@ -476,10 +476,10 @@ def batched_kernel_generation(module: nn.Module, constants: Optional[dict] = Non
 
     On entry, the kernels of all generators that share a shape are generated in one
     computation (:meth:`OREPAGeneratorMixin.generate_batch`, :meth:`OREPA1x1.generate_batch`):
-    an OREPA-ResNet-50 has 53 generators in about 20 shapes, so a training step runs about
-    20 generator graphs (forward and backward) instead of 53. Values and gradients are
-    those of the per-layer generation; the parameters, their names and the checkpoints are
-    unchanged. On exit the kernels are dropped.
+    a training step runs one generator graph (forward and backward) per shape instead of
+    one per generator (the counts for OREPA-ResNet-50 are in docs/en/benchmarks.md). Values
+    and gradients are those of the per-layer generation; the parameters, their names and the
+    checkpoints are unchanged. On exit the kernels are dropped.
 
     It applies on every device except the CPU, where the compiled per-layer passes
     (``mmreparam._ext``) are as fast; and not to modules with ``with_cp`` while gradients
