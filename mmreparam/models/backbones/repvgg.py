@@ -5,7 +5,7 @@ the same arch-dict keys (``stem_channels``, ``se_cfg``, ``group_layer_map``) and
 constructor arguments (``add_ppf``, ``conv_cfg``, ...), plus ``reparam`` to choose the block.
 """
 import inspect
-from typing import Dict, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from torch import Tensor
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from ..layers import RepVGGBlock
-from ..layers.factory import REPARAM_TYPES, is_plain_conv_cfg, parse_reparam
+from ..layers.factory import ReparamTypes, is_plain_conv_cfg, parse_reparam
 from ..layers.se import SELayer, make_divisible  # noqa: F401 - make_divisible: its old place
 from .base import ReparamBackbone, check_out_indices, check_per_stage
 
@@ -156,6 +156,10 @@ class RepVGG(ReparamBackbone):
         'D2se': _arch([8, 14, 24, 1], [2.5, 2.5, 2.5, 5], se_cfg=OFFICIAL_SE_CFG),
         'yolox-pai-small': _arch([3, 5, 7, 3], [1, 1, 1, 1], stem_channels=32),
     }
+    #: The block types by ``reparam`` name: every ``REPARAM_TYPES`` entry whose block is a
+    #: :class:`RepVGGBlock`, read on use (a block type registered later is one). RepOptVGG's
+    #: forms replace it with tables of their own.
+    block_types: Mapping[str, type] = ReparamTypes(RepVGGBlock)
     _arch_keys = ('num_blocks', 'width_factor', 'group_layer_map', 'se_cfg', 'use_se',
                   'stem_channels')
 
@@ -278,14 +282,6 @@ class RepVGG(ReparamBackbone):
         if not is_plain_conv_cfg(conv_cfg):
             raise ValueError(f'conv_cfg {dict(conv_cfg)} is not supported: RepVGG blocks fold '
                              "into one nn.Conv2d; use None or dict(type='Conv2d')")
-
-    @property
-    def block_types(self) -> Dict[str, type]:
-        """The block types by ``reparam`` name: every :data:`REPARAM_TYPES` entry whose block
-        is a :class:`RepVGGBlock` (read when the model is built, so a block type registered
-        later is one). RepOptVGG's forms replace it with tables of their own."""
-        return {name: block for name, block in REPARAM_TYPES.items()
-                if issubclass(block, RepVGGBlock)}
 
     def stage_modules(self):
         """The stages ``stage_1``, ``stage_2``, ..."""

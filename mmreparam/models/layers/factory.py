@@ -12,18 +12,27 @@ from ...utils import ConfigType, OptConfigType
 from .base import registered_block_types
 
 
-class _ReparamTypes(Mapping):
+class ReparamTypes(Mapping):
     """``{reparam name: main block type}``, read from the registered block types'
     :attr:`~mmreparam.models.layers.ReparamBlock.reparam_names` on every use, so that a
-    block type registered later (a new module, a user's block) is in it."""
+    block type registered later (a new module, a user's block) is in it.
 
-    @staticmethod
-    def _table() -> Dict[str, type]:
+    Args:
+        base (type, optional): Keep only the names whose main type is a subclass of it
+            (``RepVGG.block_types``: the RepVGG-style blocks). Defaults to None (all).
+    """
+
+    def __init__(self, base: Optional[type] = None):
+        self.base = base
+
+    def _table(self) -> Dict[str, type]:
         table: Dict[str, type] = {}
         for cls in registered_block_types():
             for name in cls.__dict__.get('reparam_names', ()):
                 table.setdefault(name, cls)
-        return table
+        if self.base is None:
+            return table
+        return {name: cls for name, cls in table.items() if issubclass(cls, self.base)}
 
     def __getitem__(self, name: str) -> type:
         return self._table()[name]
@@ -35,13 +44,13 @@ class _ReparamTypes(Mapping):
         return len(self._table())
 
     def __repr__(self) -> str:
-        return f'REPARAM_TYPES({self._table()!r})'
+        return f'{type(self).__name__}({self._table()!r})'
 
 
 #: The values of ``reparam=`` and the main block type of each (the one that takes the
 #: block arguments; for every name but ``'OREPA'`` the only one): derived from the block
 #: classes' own ``reparam_names``, never typed here.
-REPARAM_TYPES: Mapping[str, type] = _ReparamTypes()
+REPARAM_TYPES: Mapping[str, type] = ReparamTypes()
 
 
 def reparam_block_family(reparam: str) -> Tuple[type, ...]:
