@@ -23,10 +23,24 @@ class ForeignFoldError(RuntimeError):
     module was left unfolded; the message names the module paths and the foreign errors."""
 
 
+class ScalesError(CheckpointError, ValueError):
+    """RepOpt scales are unreadable, malformed, or do not fit the model (a
+    :class:`CheckpointError`, and a ValueError as before)."""
+
+
+class FoldFailed(RuntimeError):
+    """The model's own fold raised (e.g. a foreign module's ``switch_to_deploy``)."""
+
+
+class FoldMismatch(RuntimeError):
+    """The fold error is above the accepted maximum (``tools/fold.py --max-rel-error``; the
+    files are written all the same)."""
+
+
 class NoUpstreamForm(ValueError):
     """A folded model has no upstream deploy form: some part has no upstream class that
     computes its function (the message names the part and the reason)."""
 
 
 __all__ = ['CheckpointError', 'UnsafeCheckpointError', 'ExpansionError', 'ForeignFoldError',
-           'NoUpstreamForm']
+           'ScalesError', 'FoldFailed', 'FoldMismatch', 'NoUpstreamForm']

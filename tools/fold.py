@@ -18,6 +18,7 @@ import time
 import torch
 from mmengine.config import DictAction
 
+from mmreparam.errors import FoldFailed, FoldMismatch
 from mmreparam.utils import describe_error
 
 
@@ -56,14 +57,6 @@ def first_test_batch(cfg):
     """``('a test batch', batch)``: the first batch of the config's test dataloader."""
     from mmengine.runner import Runner
     return 'a test batch', next(iter(Runner.build_dataloader(cfg.test_dataloader)))
-
-
-class FoldFailed(RuntimeError):
-    """The model's own fold raised (e.g. a foreign module's ``switch_to_deploy``)."""
-
-
-class FoldMismatch(RuntimeError):
-    """The fold error is above ``--max-rel-error`` (the files are written all the same)."""
 
 
 def run(args):

@@ -22,7 +22,13 @@ from torch import Tensor
 from ..errors import ExpansionError
 from ..models.layers.base import ReparamBlock
 from ..models.layers.branches import ConvBN
-from ..models.layers.factory import REPARAM_TYPES, ReparamCfg, parse_reparam, reparam_block_type
+from ..models.layers.factory import (
+    REPARAM_TYPES,
+    ReparamCfg,
+    describe_choice,
+    parse_reparam,
+    reparam_block_type,
+)
 from ..models.layers.fuse import Affine
 from ..registry import MODELS
 from ..utils import without_pretrained
@@ -91,10 +97,9 @@ def _block_type_problem(name: str, conv: nn.Conv2d) -> Tuple[Optional[type], Opt
     k = conv.kernel_size[0]
     block_type = reparam_block_type(name, k, conv.groups)
     if block_type is ConvBN and name != 'base':
-        if name == 'OREPA':
-            return None, (f'OREPA has no block for a grouped {k}x{k} conv (OREPA1x1 and '
-                          'OREPALargeConv take groups=1)')
-        return None, f'{name} replaces only kxk convs with 1 < k < 7 (got {k}x{k})'
+        grouped = f', groups={conv.groups}' if conv.groups > 1 else ''
+        return None, (f'{name} replaces only kxk convs with {describe_choice(name)} (got '
+                      f'{k}x{k}{grouped})')
     problem = block_type.replacement_problem(conv)
     return (None, problem) if problem else (block_type, None)
 

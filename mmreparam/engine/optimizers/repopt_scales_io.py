@@ -5,7 +5,7 @@ A scales file is ``{'scales': <scales dict>, 'meta': {...}}`` (:func:`save_scale
 scales dict as in :mod:`mmreparam.models.backbones.repopt_scales`). :func:`load_scales` also
 reads HS checkpoints, mmreparam's (``RepOptVGG(mode='hs')``, alone or as ``backbone.`` of a
 classifier) and the official ones (``stage0.scale_conv.weight`` ...), e.g. the released
-``RepOpt-VGG-B1-scales.pth``. It is registered in
+``RepOpt-VGG-B1-scales.pth``. It is put in
 :data:`~mmreparam.models.backbones.repopt_scales.SCALES_LOADERS`, through which
 ``RepOptVGG(scales=PATH)`` reads its file.
 """
@@ -62,7 +62,6 @@ def _scales_of_checkpoint(checkpoint: Mapping, source: str) -> Scales:
     return validate_scales(scales, source)
 
 
-@SCALES_LOADERS.register_module()
 def load_scales(source: ScalesSource) -> Scales:
     """Read RepOpt scales from a file or a loaded object.
 
@@ -99,6 +98,9 @@ def load_scales(source: ScalesSource) -> Scales:
     if obj and all(isinstance(v, Mapping) and 'conv' in v for v in obj.values()):
         return validate_scales(obj, name)  # a bare scales dict
     return _scales_of_checkpoint(obj, name)
+
+
+SCALES_LOADERS['load_scales'] = load_scales
 
 
 def save_scales(scales: Scales, path: Union[str, os.PathLike],

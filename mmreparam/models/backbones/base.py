@@ -1,6 +1,6 @@
 """What mmreparam's backbones share: stage freezing, norm_eval, pretrained init, deploy."""
 import contextlib
-from typing import List
+from typing import List, Sequence, Tuple, Union
 
 import torch.nn as nn
 from mmengine.model import BaseModule
@@ -11,6 +11,41 @@ from ...errors import CheckpointError
 from ...utils import pretrained_init, without_pretrained
 from ..layers.base import Foldable, fold_children, is_mmreparam
 from ..layers.orepa import batched_kernel_generation
+
+#: The activation inside the units of the ResNet-style backbones (as mmdet's ResNet).
+RELU = dict(type='ReLU', inplace=True)
+
+
+def check_out_indices(out_indices: Union[int, Sequence[int]],
+                      num_stages: int) -> Tuple[int, ...]:
+    """Check ``out_indices`` against ``num_stages`` and return them as non-negative stages.
+
+    Args:
+        out_indices (int | Sequence[int]): Stages whose outputs a backbone returns; negative
+            ones count from the last (as in mmpretrain).
+        num_stages (int): Number of stages.
+
+    Returns:
+        tuple[int]: The stages, each in ``[0, num_stages)``.
+
+    Raises:
+        ValueError: None given, or one that is not a stage.
+    """
+    indices = (out_indices, ) if isinstance(out_indices, int) else tuple(out_indices)
+    if not indices or any(not isinstance(i, int) or not -num_stages <= i < num_stages
+                          for i in indices):
+        raise ValueError(f'out_indices {indices} must be stages in [{-num_stages}, '
+                         f'{num_stages}) (negative: from the last)')
+    return tuple(i % num_stages for i in indices)
+
+
+def check_per_stage(num_stages: int, **values: Sequence) -> None:
+    """Raise a ValueError unless each of ``values`` (``strides=...``, ``dilations=...``)
+    has one entry per stage; the message names them all."""
+    if any(len(value) != num_stages for value in values.values()):
+        names = ' and '.join(f'{name} {tuple(value)}' for name, value in values.items())
+        verb = 'needs' if len(values) == 1 else 'need'
+        raise ValueError(f'{names} {verb} one value per stage ({num_stages})')
 
 
 class ReparamBackbone(BaseModule):

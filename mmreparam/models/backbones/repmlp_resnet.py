@@ -15,9 +15,8 @@ from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from ..layers.factory import build_reparam_conv, check_reparam
 from ..layers.repmlp import GLOBAL_PERCEPTRONS, RepMLPBlock
+from .base import RELU, check_out_indices, check_per_stage
 from .resnet import Bottleneck, ResidualBackbone, _ResUnit
-
-RELU = dict(type='ReLU', inplace=True)
 
 
 class RepMLPLightUnit(_ResUnit):
@@ -152,7 +151,8 @@ class RepMLPResNet(ResidualBackbone):
             Defaults to 64.
         strides (Sequence[int]): Stride of each stage. Defaults to (1, 2, 2, 2).
         dilations (Sequence[int]): Dilation of each stage. Defaults to (1, 1, 1, 1).
-        out_indices (Sequence[int]): Stages whose outputs are returned. Defaults to (3, ).
+        out_indices (int | Sequence[int]): Stages whose outputs are returned; negative ones
+            count from the last. Defaults to (3, ).
         frozen_stages (int): Stages to freeze (-1: none, 0: the stem). Defaults to -1.
         norm_cfg (dict): Any BatchNorm. Defaults to ``dict(type='BN')``.
         norm_eval (bool): Keep BNs in eval mode while training. Defaults to False.
@@ -180,7 +180,7 @@ class RepMLPResNet(ResidualBackbone):
                  base_channels: int = 64,
                  strides: Sequence[int] = (1, 2, 2, 2),
                  dilations: Sequence[int] = (1, 1, 1, 1),
-                 out_indices: Sequence[int] = (3, ),
+                 out_indices: Union[int, Sequence[int]] = (3, ),
                  frozen_stages: int = -1,
                  norm_cfg: ConfigType = dict(type='BN'),
                  norm_eval: bool = False,
@@ -195,10 +195,8 @@ class RepMLPResNet(ResidualBackbone):
         arch = self._check_arch(arch)
         self.reparam = check_reparam(reparam)
         num_stages = len(arch['stage_blocks'])
-        if len(strides) != num_stages or len(dilations) != num_stages:
-            raise ValueError('strides and dilations need one value per stage')
-        if not out_indices or max(out_indices) >= num_stages:
-            raise ValueError(f'out_indices {tuple(out_indices)} must be stages < {num_stages}')
+        check_per_stage(num_stages, strides=strides, dilations=dilations)
+        out_indices = check_out_indices(out_indices, num_stages)
         if global_perceptron not in (*GLOBAL_PERCEPTRONS, None):
             raise ValueError(f'global_perceptron must be one of {GLOBAL_PERCEPTRONS} or None, '
                              f'got {global_perceptron!r}')

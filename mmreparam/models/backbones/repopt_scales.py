@@ -6,31 +6,27 @@ Scales are a dict ``{block name: {'conv': s, 'conv_1x1': t[, 'identity': w_id]}}
 a scales dict, a scales file or a hyper-search checkpoint (a file or a loaded one).
 
 The models layer does not read files or checkpoints: :data:`SCALES_LOADERS` holds the loader
-of the layer that does (:func:`mmreparam.engine.optimizers.load_scales`, registered when
+of the layer that does (:func:`mmreparam.engine.optimizers.load_scales`, put there when
 mmreparam is imported), and :func:`resolve_scales` reads every source but ``'const'``
 through it.
 """
 import math
 import os
-from typing import Dict, Mapping, Union
+from typing import Callable, Dict, Mapping, Union
 
 import torch
-from mmengine.registry import Registry
 from torch import Tensor
 
-from ...errors import CheckpointError
-from .repopt_blocks import SCALE_KEYS, has_identity_branch
+from ...errors import ScalesError
+from ..layers.csla import SCALE_KEYS, has_identity_branch
 
 Scales = Dict[str, Dict[str, Tensor]]
 ScalesSource = Union[str, os.PathLike, Mapping]
 
-#: ``'load_scales'``: ``(source) -> Scales`` for every scales source but ``'const'``.
-SCALES_LOADERS = Registry('RepOpt scales loader', scope='mmreparam')
-
-
-class ScalesError(CheckpointError, ValueError):
-    """RepOpt scales are unreadable, malformed, or do not fit the model (a
-    :class:`~mmreparam.errors.CheckpointError`, and a ValueError as before)."""
+#: ``'load_scales'``: ``(source) -> Scales`` for every scales source but ``'const'`` (a plain
+#: dict: the engine layer, which reads files, puts its loader here; the models layer below it
+#: cannot import it).
+SCALES_LOADERS: Dict[str, Callable[[ScalesSource], Scales]] = {}
 
 
 def describe_source(source) -> str:

@@ -2,9 +2,9 @@
 
 "Re-parameterizing Your Optimizers rather than Architectures" (Ding et al., ICLR 2023,
 arXiv 2205.15242) moves RepVGG's structural prior from the model into the optimizer: the
-plain target model trained with Grad Mults (:mod:`.repopt_blocks`, the two rules) computes
-what the multi-branch CSLA model trained with SGD computes. The constants of those rules,
-the *scales*, come from a hyper-search (HS) model (:mod:`.repopt_scales`).
+plain target model trained with Grad Mults (:mod:`~mmreparam.models.layers.csla`, the two
+rules) computes what the multi-branch CSLA model trained with SGD computes. The constants
+of those rules, the *scales*, come from a hyper-search (HS) model (:mod:`.repopt_scales`).
 
 ``RepOptVGG(mode=...)`` builds one of three forms, each its own class:
 
@@ -25,7 +25,8 @@ from torch import Tensor
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType, pretrained_init
 from ..layers import ReparamBlock
-from .repopt_blocks import CSLABlock, init_plain_kernel, plain_block, repopt_grad_mult
+from ..layers.csla import CSLABlock, init_plain_kernel, repopt_grad_mult
+from .repopt_blocks import plain_block
 from .repopt_scales import (
     Scales,
     ScalesSource,

@@ -5,20 +5,21 @@ the same arch-dict keys (``stem_channels``, ``se_cfg``, ``group_layer_map``) and
 constructor arguments (``add_ppf``, ``conv_cfg``, ...), plus ``reparam`` to choose the block.
 """
 import inspect
-from typing import Optional, Sequence, Tuple, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from mmcv.cnn import ConvModule, build_activation_layer, build_conv_layer
+from mmcv.cnn import ConvModule
 from mmengine.model import BaseModule
 from torch import Tensor
 
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from ..layers import RepVGGBlock
-from ..layers.factory import REPARAM_TYPES, parse_reparam
-from .base import ReparamBackbone
+from ..layers.factory import ReparamTypes, is_plain_conv_cfg, parse_reparam
+from ..layers.se import SELayer, make_divisible  # noqa: F401 - make_divisible: its old place
+from .base import ReparamBackbone, check_out_indices, check_per_stage
 
 _GROUPED_LAYERS = tuple(range(2, 27, 2))  # the official "optional_groupwise_layers"
 G2 = {layer: 2 for layer in _GROUPED_LAYERS}
@@ -26,89 +27,11 @@ G4 = {layer: 4 for layer in _GROUPED_LAYERS}
 
 #: The SE of the official RepVGG-D2se (``channels // 16`` squeezed), as an ``se_cfg``.
 OFFICIAL_SE_CFG = dict(ratio=16, divisor=1)
-#: ``conv_cfg`` values that build the plain ``nn.Conv2d`` a RepVGG block folds into.
-_PLAIN_CONV_TYPES = ('Conv', 'Conv2d')
 
 
 def _arch(num_blocks, width_factor, group_layer_map=None, se_cfg=None, **extra):
     return dict(num_blocks=num_blocks, width_factor=width_factor,
                 group_layer_map=group_layer_map, se_cfg=se_cfg, **extra)
-
-
-def make_divisible(value: float, divisor: int, min_value: Optional[int] = None,
-                   min_ratio: float = 0.9) -> int:
-    """The multiple of ``divisor`` nearest ``value``, at least ``min_value`` (default
-    ``divisor``) and not below ``min_ratio * value`` (mmpretrain's ``make_divisible``)."""
-    if min_value is None:
-        min_value = divisor
-    new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if new_value < min_ratio * value:
-        new_value += divisor
-    return new_value
-
-
-class SELayer(BaseModule):
-    """Squeeze-and-excitation with mmpretrain's ``SELayer`` arguments (``se_cfg``).
-
-    ``x * gate(up(act(down(avgpool(x)))))``. The 1x1 convolutions are named ``down`` and
-    ``up`` as in the official RepVGG's SE (so official, mmpretrain and mmreparam checkpoints
-    share one layout); the activations have no state. The SE sits after the block's sum of
-    branches, outside the folded convolution, so a fold keeps it as it is.
-
-    Args:
-        channels (int): Channels of the input.
-        squeeze_channels (int, optional): Channels of the bottleneck; None gives
-            ``make_divisible(channels // ratio, divisor)``. Defaults to None.
-        ratio (int): Squeeze ratio. Defaults to 16.
-        divisor (int): The bottleneck width is a multiple of it. Defaults to 8.
-        bias (bool | str): Biases of the two convolutions; 'auto' means True (there is no
-            norm layer). Defaults to 'auto'.
-        conv_cfg (dict, optional): Config of the two convolutions (any conv: the SE is not
-            folded). Defaults to None (``nn.Conv2d``).
-        act_cfg (dict | Sequence[dict]): The activation after ``down`` and the gate after
-            ``up``; one dict is used for both. Defaults to
-            ``(dict(type='ReLU'), dict(type='Sigmoid'))``.
-        return_weight (bool): mmpretrain's option to return the gate instead of the scaled
-            input; must be False in a RepVGG block. Defaults to False.
-        init_cfg (dict, optional): Initialization config. Defaults to None.
-    """
-
-    def __init__(self,
-                 channels: int,
-                 squeeze_channels: Optional[int] = None,
-                 ratio: int = 16,
-                 divisor: int = 8,
-                 bias: Union[bool, str] = 'auto',
-                 conv_cfg: OptConfigType = None,
-                 act_cfg: Union[ConfigType, Sequence[ConfigType]] = (dict(type='ReLU'),
-                                                                     dict(type='Sigmoid')),
-                 return_weight: bool = False,
-                 init_cfg: OptConfigType = None):
-        super().__init__(init_cfg)
-        if return_weight:
-            raise ValueError('se_cfg return_weight=True is not supported: a RepVGG block '
-                             'scales its output by the SE gate')
-        if isinstance(act_cfg, dict):
-            act_cfg = (act_cfg, act_cfg)
-        if len(act_cfg) != 2 or not all(isinstance(cfg, dict) for cfg in act_cfg):
-            raise ValueError(f'se_cfg act_cfg must be a dict or two dicts, got {act_cfg!r}')
-        if squeeze_channels is None:
-            squeeze_channels = make_divisible(channels // ratio, divisor)
-        if not isinstance(squeeze_channels, int) or squeeze_channels < 1:
-            raise ValueError(f'SE squeeze_channels must be a positive int, got '
-                             f'{squeeze_channels!r}')
-        if bias not in ('auto', True, False):
-            raise ValueError(f"se_cfg bias must be 'auto', True or False, got {bias!r}")
-        bias = True if bias == 'auto' else bias
-        self.down = build_conv_layer(conv_cfg, channels, squeeze_channels, 1, bias=bias)
-        self.act = build_activation_layer(dict(act_cfg[0]))
-        self.up = build_conv_layer(conv_cfg, squeeze_channels, channels, 1, bias=bias)
-        self.gate = build_activation_layer(dict(act_cfg[1]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Scale each channel by a gate computed from the global average."""
-        gate = torch.mean(x, dim=(2, 3), keepdim=True)
-        return x * self.gate(self.up(self.act(self.down(gate))))
 
 
 class MTSPPF(BaseModule):
@@ -233,8 +156,10 @@ class RepVGG(ReparamBackbone):
         'D2se': _arch([8, 14, 24, 1], [2.5, 2.5, 2.5, 5], se_cfg=OFFICIAL_SE_CFG),
         'yolox-pai-small': _arch([3, 5, 7, 3], [1, 1, 1, 1], stem_channels=32),
     }
-    block_types = {name: block for name, block in REPARAM_TYPES.items()
-                   if issubclass(block, RepVGGBlock)}
+    #: The block types by ``reparam`` name: every ``REPARAM_TYPES`` entry whose block is a
+    #: :class:`RepVGGBlock`, read on use (a block type registered later is one). RepOptVGG's
+    #: forms replace it with tables of their own.
+    block_types: Mapping[str, type] = ReparamTypes(RepVGGBlock)
     _arch_keys = ('num_blocks', 'width_factor', 'group_layer_map', 'se_cfg', 'use_se',
                   'stem_channels')
 
@@ -262,9 +187,7 @@ class RepVGG(ReparamBackbone):
         arch = self._check_arch(arch)
         name, block_args = parse_reparam(reparam, self.block_types)
         num_stages = len(arch['num_blocks'])
-        if len(strides) != num_stages or len(dilations) != num_stages:
-            raise ValueError(f'strides {tuple(strides)} and dilations {tuple(dilations)} '
-                             f'need one value per stage ({num_stages})')
+        check_per_stage(num_stages, strides=strides, dilations=dilations)
         if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= num_stages:
             raise ValueError(f'frozen_stages must be -1 (none) to {num_stages} (all), got '
                              f'{frozen_stages!r}')
@@ -273,7 +196,7 @@ class RepVGG(ReparamBackbone):
         self.reparam = reparam
         self.in_channels = in_channels
         self.base_channels = base_channels
-        self.out_indices = self._check_out_indices(out_indices, num_stages)
+        self.out_indices = check_out_indices(out_indices, num_stages)
         self.strides = strides
         self.dilations = dilations
         self.frozen_stages = frozen_stages
@@ -355,17 +278,8 @@ class RepVGG(ReparamBackbone):
         return dict(checked, se_cfg=None if se_cfg is None else dict(se_cfg))
 
     @staticmethod
-    def _check_out_indices(out_indices, num_stages: int) -> Tuple[int, ...]:
-        indices = (out_indices, ) if isinstance(out_indices, int) else tuple(out_indices)
-        if not indices or any(not isinstance(i, int) or not -num_stages <= i < num_stages
-                              for i in indices):
-            raise ValueError(f'out_indices {indices} must be stages in [{-num_stages}, '
-                             f'{num_stages}) (negative: from the last)')
-        return tuple(i % num_stages for i in indices)
-
-    @staticmethod
     def _check_conv_cfg(conv_cfg) -> None:
-        if conv_cfg is not None and conv_cfg.get('type') not in _PLAIN_CONV_TYPES:
+        if not is_plain_conv_cfg(conv_cfg):
             raise ValueError(f'conv_cfg {dict(conv_cfg)} is not supported: RepVGG blocks fold '
                              "into one nn.Conv2d; use None or dict(type='Conv2d')")
 

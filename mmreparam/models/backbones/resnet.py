@@ -12,9 +12,7 @@ from torch.nn.modules.normalization import GroupNorm
 from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType, pretrained_init
 from ..layers.factory import ConvNormAct, build_reparam_conv, check_conv_cfg, check_reparam
-from .base import ReparamBackbone
-
-RELU = dict(type='ReLU', inplace=True)
+from .base import RELU, ReparamBackbone, check_out_indices, check_per_stage
 
 #: Where a plugin may go in a :class:`Bottleneck` (mmdet's positions).
 PLUGIN_POSITIONS = ('after_conv1', 'after_conv2', 'after_conv3')
@@ -263,7 +261,8 @@ class ResNet(ResidualBackbone):
         num_stages (int): 1 to 4. Defaults to 4.
         strides (Sequence[int]): Stride of each stage. Defaults to (1, 2, 2, 2).
         dilations (Sequence[int]): Dilation of each stage. Defaults to (1, 1, 1, 1).
-        out_indices (Sequence[int]): Stages whose outputs are returned.
+        out_indices (int | Sequence[int]): Stages whose outputs are returned; negative ones
+            count from the last.
             Defaults to (0, 1, 2, 3).
         style (str): 'pytorch' (stride on the 3x3) or 'caffe'. Defaults to 'pytorch'.
         deep_stem (bool): Three 3x3 convolutions instead of the 7x7. Defaults to False.
@@ -318,7 +317,7 @@ class ResNet(ResidualBackbone):
                  num_stages: int = 4,
                  strides: Sequence[int] = (1, 2, 2, 2),
                  dilations: Sequence[int] = (1, 1, 1, 1),
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
                  style: str = 'pytorch',
                  deep_stem: bool = False,
                  avg_down: bool = False,
@@ -360,16 +359,14 @@ class ResNet(ResidualBackbone):
         self.reparam = check_reparam(reparam)
         if not 1 <= num_stages <= 4:
             raise ValueError(f'num_stages must be 1 to 4, got {num_stages}')
-        if len(strides) != num_stages or len(dilations) != num_stages:
-            raise ValueError('strides and dilations need one value per stage')
-        if not out_indices or max(out_indices) >= num_stages:
-            raise ValueError(f'out_indices {tuple(out_indices)} must be stages < {num_stages}')
+        check_per_stage(num_stages, strides=strides, dilations=dilations)
+        out_indices = check_out_indices(out_indices, num_stages)
         if style not in ('pytorch', 'caffe'):
             raise ValueError(f"style must be 'pytorch' or 'caffe', got {style!r}")
         check_conv_cfg(reparam, conv_cfg)
         plugins = check_plugins(plugins, num_stages)
-        if dcn is not None and len(stage_with_dcn) != num_stages:
-            raise ValueError('stage_with_dcn needs one value per stage')
+        if dcn is not None:
+            check_per_stage(num_stages, stage_with_dcn=stage_with_dcn)
         block, stage_blocks = self.arch_settings[depth]
         if plugins and block is BasicBlock:
             raise ValueError(f'plugins need Bottleneck units (depth >= 50), as in mmdet; '

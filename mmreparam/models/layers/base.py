@@ -1,7 +1,7 @@
 """The protocol shared by every re-parameterizable block."""
 import copy
 from abc import ABC, abstractmethod
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
+from typing import Callable, Dict, Iterable, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...errors import ExpansionError
+from ...registry import MODELS
 from ...utils import ConfigType, OptConfigType
 from .fuse import Affine, bn_state, zero_bn_state
 
@@ -87,14 +88,27 @@ def replace_branches(module: nn.Module, name: str, equivalent: Callable[[], Tupl
 #: The default of ``act_cfg``: the block class's :attr:`ReparamBlock.default_act_cfg`.
 DEFAULT_ACT = dict(type='default')
 
-#: Every block type that declares :attr:`ReparamBlock.state_markers`, in definition order.
-_BLOCK_TYPES: List[Type['ReparamBlock']] = []
+def registered_block_types() -> Tuple[Type['ReparamBlock'], ...]:
+    """Every :class:`ReparamBlock` subclass registered in mmreparam's ``MODELS`` (its
+    ``@MODELS.register_module()``), in registration order.
+
+    This is the one list of block types: the ``reparam=`` names
+    (:data:`~mmreparam.models.layers.factory.REPARAM_TYPES`), the per-kernel-size choice,
+    checkpoint recognition and conversion all read it and the classes' own declarations
+    (:attr:`~ReparamBlock.reparam_names`, :attr:`~ReparamBlock.chosen_kernel_sizes`,
+    :attr:`~ReparamBlock.state_markers`, :meth:`~ReparamBlock.replacement_problem`).
+    """
+    found = []
+    for cls in MODELS.module_dict.values():
+        if isinstance(cls, type) and issubclass(cls, ReparamBlock) and cls not in found:
+            found.append(cls)
+    return tuple(found)
 
 
 def block_types() -> Tuple[Type['ReparamBlock'], ...]:
-    """The block types that declare :attr:`~ReparamBlock.state_markers`, in definition
-    order (every train-time block a state_dict can be recognised as)."""
-    return tuple(_BLOCK_TYPES)
+    """The registered block types that declare :attr:`~ReparamBlock.state_markers` of their
+    own, in registration order (every train-time block a state_dict can be recognised as)."""
+    return tuple(cls for cls in registered_block_types() if cls.__dict__.get('state_markers'))
 
 
 def block_type_of_state(keys) -> Optional[Type['ReparamBlock']]:
@@ -102,7 +116,7 @@ def block_type_of_state(keys) -> Optional[Type['ReparamBlock']]:
     ``keys`` (a block's state_dict keys); the most specific one when several match, None
     when none does. Raises ValueError when two equally specific types match."""
     keys = set(keys)
-    found = [cls for cls in _BLOCK_TYPES if set(cls.state_markers) <= keys]
+    found = [cls for cls in block_types() if set(cls.state_markers) <= keys]
     if not found:
         return None
     best = max(len(cls.state_markers) for cls in found)
@@ -186,13 +200,43 @@ class ReparamBlock(BaseModule, Foldable):
     #: ``act_cfg`` when none is given.
     default_act_cfg: OptConfigType = None
     #: tuple[str, ...]: Keys of the block's state_dict that identify its train-time form
-    #: (empty: the type is never recognised from a state_dict).
+    #: (empty: the type is never recognised from a state_dict). Read from the class itself,
+    #: not inherited.
     state_markers: Tuple[str, ...] = ()
+    #: tuple[str, ...]: The ``reparam=`` values that put this block on convolutions
+    #: (``('DBB', )``), read from the class itself, not inherited. Several types may share
+    #: a name, each for its own kernel sizes (OREPA, OREPA1x1, OREPALargeConv); the first
+    #: registered is the name's main type (``REPARAM_TYPES[name]``), the one that takes the
+    #: block arguments of a ``reparam`` dict. Empty: no ``reparam=`` value chooses it (a
+    #: block that only a backbone builds, such as CSLABlock).
+    reparam_names: Tuple[str, ...] = ()
+    #: tuple[int, int | None]: The ``kxk`` convolutions a ``reparam=`` name of
+    #: :attr:`reparam_names` gives this block, ``(smallest k, largest k or None for no
+    #: limit)``. The default, ``1 < k < 7``, is the official rule of ACB, DBB and RepVGG;
+    #: convolutions no type of the name takes stay plain (:class:`ConvBN`). Grouped ones
+    #: also need :attr:`_supports_groups`.
+    chosen_kernel_sizes: Tuple[int, Optional[int]] = (2, 6)
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if 'state_markers' in cls.__dict__ and cls.state_markers:
-            _BLOCK_TYPES.append(cls)
+    @classmethod
+    def chosen_for(cls, kernel_size: int, groups: int = 1) -> bool:
+        """Whether a ``reparam=`` name of :attr:`reparam_names` puts this block on a
+        ``kernel_size x kernel_size`` convolution with ``groups`` (:attr:`chosen_kernel_sizes`
+        and :attr:`_supports_groups`)."""
+        smallest, largest = cls.chosen_kernel_sizes
+        return (smallest <= kernel_size and (largest is None or kernel_size <= largest)
+                and (groups == 1 or cls._supports_groups))
+
+    @classmethod
+    def describe_choice(cls) -> str:
+        """:meth:`chosen_for` in words (``'1 < k < 7'``, ``'k = 1 and groups=1'``)."""
+        smallest, largest = cls.chosen_kernel_sizes
+        if smallest == largest:
+            text = f'k = {smallest}'
+        elif largest is None:
+            text = f'k >= {smallest}'
+        else:
+            text = f'{smallest - 1} < k < {largest + 1}'
+        return text if cls._supports_groups else f'{text} and groups=1'
 
     def __init__(self,
                  in_channels: int,

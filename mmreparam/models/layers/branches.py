@@ -25,6 +25,7 @@ from .fuse import (
     merge_1x1_kxk,
     pad_kernel,
 )
+from .se import SEBlock
 
 
 class ConvBNBranch(nn.Module):
@@ -83,6 +84,8 @@ class ConvBN(ReparamBlock):
     """
     _needs_same_padding = False
     state_markers = ('conv.weight', )
+    reparam_names = ('base', )
+    chosen_kernel_sizes = (1, None)  # every conv: the plain block of every reparam
 
     def _build_branches(self) -> None:
         self.conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
@@ -120,6 +123,7 @@ class ACB(ReparamBlock):
     _min_kernel_size = 3
     default_kernel_size = 3
     state_markers = ('square_conv.weight', )
+    reparam_names = ('ACB', )
 
     def _build_branches(self) -> None:
         k, p, norm_cfg = self.kernel_size, self.padding, self.norm_cfg
@@ -176,6 +180,7 @@ class DBB(ReparamBlock):
     _min_kernel_size = 3
     default_kernel_size = 3
     state_markers = ('dbb_origin.conv.weight', )
+    reparam_names = ('DBB', )
 
     def __init__(self, *args, internal_channels_1x1_3x3: Optional[int] = None, **kwargs):
         self.internal_channels_1x1_3x3 = internal_channels_1x1_3x3
@@ -306,6 +311,7 @@ class RepVGGBlock(ReparamBlock):
     default_kernel_size = 3
     default_act_cfg = dict(type='ReLU')
     state_markers = ('rbr_dense.conv.weight', )
+    reparam_names = ('RepVGG', )
 
     def __init__(self, *args, use_se: bool = False, se_ratio: int = 16, **kwargs):
         super().__init__(*args, **kwargs)
@@ -372,6 +378,7 @@ class QARepVGGBlock(RepVGGBlock):
     ``bn`` after the sum). Arguments as :class:`RepVGGBlock`.
     """
     state_markers = ('rbr_dense.conv.weight', 'rbr_1x1.weight')
+    reparam_names = ('QARepVGG', )
 
     def _build_branches(self) -> None:
         self.has_identity = self.in_channels == self.out_channels and self.stride == 1
@@ -420,23 +427,3 @@ class QARepVGGBlock(RepVGGBlock):
         put_bn(state, 'rbr_dense.bn.', self.rbr_dense.bn, Affine(torch.zeros_like(affine.bias)))
         state['rbr_1x1.weight'] = torch.zeros_like(state['rbr_1x1.weight'])
         put_bn(state, 'bn.', self.bn, affine)
-
-
-class SEBlock(nn.Module):
-    """Squeeze-and-excitation as in the official RepVGG (``down`` and ``up`` 1x1 convs).
-
-    Args:
-        channels (int): Channels of the input.
-        internal_channels (int): Channels of the bottleneck.
-    """
-
-    def __init__(self, channels: int, internal_channels: int):
-        super().__init__()
-        self.down = nn.Conv2d(channels, internal_channels, 1, bias=True)
-        self.up = nn.Conv2d(internal_channels, channels, 1, bias=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Scale each channel by a gate computed from the global average."""
-        gate = F.adaptive_avg_pool2d(x, 1)
-        gate = torch.sigmoid(self.up(F.relu(self.down(gate))))
-        return x * gate

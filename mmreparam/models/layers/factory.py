@@ -1,7 +1,7 @@
 """Choosing a block per convolution: the official per-kernel-size rule."""
 import functools
 import inspect
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 
 from mmcv.cnn import build_activation_layer, build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule
@@ -9,30 +9,62 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...utils import ConfigType, OptConfigType
-from .branches import ACB, DBB, ConvBN, QARepVGGBlock, RepVGGBlock
-from .orepa import OREPA, OREPA1x1, OREPALargeConv, OREPAVGGBlock
+from .base import registered_block_types
 
-#: The values of ``reparam=`` and the block each puts on ``1 < k < 7`` convolutions.
-REPARAM_TYPES = {
-    'base': ConvBN,
-    'ACB': ACB,
-    'DBB': DBB,
-    'OREPA': OREPA,
-    'RepVGG': RepVGGBlock,
-    'QARepVGG': QARepVGGBlock,
-    'OREPA_VGG': OREPAVGGBlock,
-}
+
+class ReparamTypes(Mapping):
+    """``{reparam name: main block type}``, read from the registered block types'
+    :attr:`~mmreparam.models.layers.ReparamBlock.reparam_names` on every use, so that a
+    block type registered later (a new module, a user's block) is in it.
+
+    Args:
+        base (type, optional): Keep only the names whose main type is a subclass of it
+            (``RepVGG.block_types``: the RepVGG-style blocks). Defaults to None (all).
+    """
+
+    def __init__(self, base: Optional[type] = None):
+        self.base = base
+
+    def _table(self) -> Dict[str, type]:
+        table: Dict[str, type] = {}
+        for cls in registered_block_types():
+            for name in cls.__dict__.get('reparam_names', ()):
+                table.setdefault(name, cls)
+        if self.base is None:
+            return table
+        return {name: cls for name, cls in table.items() if issubclass(cls, self.base)}
+
+    def __getitem__(self, name: str) -> type:
+        return self._table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({self._table()!r})'
+
+
+#: The values of ``reparam=`` and the main block type of each (the one that takes the
+#: block arguments; for every name but ``'OREPA'`` the only one): derived from the block
+#: classes' own ``reparam_names``, never typed here.
+REPARAM_TYPES: Mapping[str, type] = ReparamTypes()
+
+
+def reparam_block_family(reparam: str) -> Tuple[type, ...]:
+    """The registered block types that ``reparam=`` the name ``reparam`` puts on
+    convolutions (its :data:`REPARAM_TYPES` entry first)."""
+    return tuple(cls for cls in registered_block_types()
+                 if reparam in cls.__dict__.get('reparam_names', ()))
 
 
 def reparam_of_block_type(block_type: type) -> Optional[str]:
     """The ``reparam=`` value whose blocks include ``block_type`` (``'base'`` for
     :class:`ConvBN`, which every ``reparam`` uses outside its kernel sizes); None if none."""
-    if block_type in (OREPA1x1, OREPALargeConv):
-        return 'OREPA'
-    for reparam, main_type in REPARAM_TYPES.items():
-        if block_type is main_type:
-            return reparam
-    return None
+    names = getattr(block_type, '__dict__', {}).get('reparam_names', ())
+    return names[0] if names else None
 
 
 #: A ``reparam=`` value: a name of :data:`REPARAM_TYPES`, or a dict with ``type`` (such a
@@ -127,20 +159,25 @@ def reparam_name(reparam: ReparamCfg) -> str:
 def reparam_block_type(reparam: ReparamCfg, kernel_size: int, groups: int = 1) -> type:
     """The block class for one convolution, following the official implementations.
 
-    OREPA: ``1x1`` -> :class:`OREPA1x1` (groups=1), ``k >= 7`` -> :class:`OREPALargeConv`,
-    else :class:`OREPA`. DBB / ACB / RepVGG / QARepVGG / OREPA_VGG: only ``1 < k < 7``
-    change; other convolutions are :class:`ConvBN`. ``base``: always :class:`ConvBN`.
+    The block type of the name whose :meth:`~mmreparam.models.layers.ReparamBlock.chosen_for`
+    takes the convolution, else :class:`ConvBN`. For the built-in names: OREPA: ``1x1`` ->
+    :class:`OREPA1x1` (groups=1), ``k >= 7`` -> :class:`OREPALargeConv` (groups=1), else
+    :class:`OREPA`. DBB / ACB / RepVGG / QARepVGG / OREPA_VGG: only ``1 < k < 7`` change;
+    other convolutions are :class:`ConvBN`. ``base``: always :class:`ConvBN`.
     """
-    reparam = reparam_name(reparam)
-    if reparam == 'OREPA':
-        if kernel_size == 1:
-            return OREPA1x1 if groups == 1 else ConvBN
-        if kernel_size >= 7:
-            return OREPALargeConv if groups == 1 else ConvBN
-        return OREPA
-    if 1 < kernel_size < 7:
-        return REPARAM_TYPES[reparam]
-    return ConvBN
+    for block_type in reparam_block_family(reparam_name(reparam)):
+        if block_type.chosen_for(kernel_size, groups):
+            return block_type
+    return REPARAM_TYPES['base']
+
+
+def describe_choice(reparam: ReparamCfg) -> str:
+    """Which convolutions ``reparam`` turns into blocks, in words (``'1 < k < 7'``; with
+    the block type of each when the name has several)."""
+    family = reparam_block_family(reparam_name(reparam))
+    if len(family) == 1:
+        return family[0].describe_choice()
+    return ', '.join(f'{cls.describe_choice()} ({cls.__name__})' for cls in family)
 
 
 #: ``conv_cfg`` types that build the plain ``nn.Conv2d`` re-param blocks are made of.

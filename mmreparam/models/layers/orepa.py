@@ -313,6 +313,7 @@ class OREPA(OREPAGeneratorMixin, GeneratedKernelBlock):
         Others: see :class:`ReparamBlock`.
     """
     state_markers = ('weight_orepa_origin', )
+    reparam_names = ('OREPA', )
     default_kernel_size = 3
 
     def __init__(self, *args, internal_channels_1x1_3x3: Optional[int] = None,
@@ -343,6 +344,8 @@ class OREPA1x1(GeneratedKernelBlock):
     _supports_groups = False
     _batched_kernel: Optional[Tensor] = None  # see OREPAGeneratorMixin
     state_markers = ('weight_or1x1_origin', )
+    reparam_names = ('OREPA', )
+    chosen_kernel_sizes = (1, 1)
     default_kernel_size = 1
 
     @classmethod
@@ -419,6 +422,8 @@ class OREPALargeConv(GeneratedKernelBlock):
     """
     _supports_groups = False
     state_markers = ('weight0.weight_orepa_origin', )
+    reparam_names = ('OREPA', )
+    chosen_kernel_sizes = (7, None)
     default_kernel_size = 7
 
     @classmethod
@@ -467,6 +472,7 @@ class OREPAVGGBlock(RepVGGBlock):
     ``OREPA_3x3_RepVGG``. Arguments as :class:`RepVGGBlock`.
     """
     state_markers = ('rbr_dense.weight_orepa_origin', )
+    reparam_names = ('OREPA_VGG', )
 
     def _build_branches(self) -> None:
         super()._build_branches()

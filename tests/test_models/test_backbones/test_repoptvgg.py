@@ -112,6 +112,17 @@ def test_repopt_modules_import_nothing_above_the_models_layer():
         assert not upward, (name, upward)
 
 
+def test_moved_names_stay_importable_at_their_old_places():
+    from mmreparam import errors
+    from mmreparam.models.backbones import repopt_blocks, repopt_scales
+    from mmreparam.models.layers import csla
+    assert repopt_blocks.CSLABlock is csla.CSLABlock is mmreparam.models.layers.CSLABlock
+    assert repopt_blocks.repopt_grad_mult is csla.repopt_grad_mult
+    assert repopt_scales.ScalesError is errors.ScalesError
+    assert issubclass(errors.ScalesError, (errors.CheckpointError, ValueError))
+    assert issubclass(errors.ScalesError, ValueError)
+
+
 def test_init_from_scales_is_the_rule_of_initialization():
     """``W <- s * W + t * W1 + w_id * I``: checked with scales that isolate each term."""
     scales = constant_scales(RepOptVGG(TINY))
