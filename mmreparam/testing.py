@@ -4,6 +4,9 @@ A freshly built BatchNorm has mean 0, variance 1, weight 1 and bias 0, so it fol
 zero bias and an unscaled kernel and proves nothing about the fold. These helpers make
 every BatchNorm (and every learned branch scale) random, as after training.
 """
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -52,6 +55,25 @@ def randomize_parameters(model: nn.Module, names, seed: int = 0, scale: float = 
             param.copy_((torch.randn(param.shape, generator=gen, dtype=torch.float64)
                          * scale).to(param))
     return model
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Make ``dtype`` torch's default dtype meanwhile (restored afterwards).
+
+    Build a block or model inside it to check a fold in float64: buffers a block computes
+    when it is built (OREPA's frequency prior) are then exact in float64, where
+    ``model.double()`` after a float32 build only widens float32-rounded values.
+
+    Args:
+        dtype (torch.dtype): A floating dtype, e.g. ``torch.float64``.
+    """
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
 
 
 def literal_orepa_kernel(generator) -> torch.Tensor:

@@ -47,3 +47,26 @@ def load_tool():
         return module
 
     return load
+
+
+@pytest.fixture(scope='module')
+def single_thread():
+    """One torch thread for a module of tiny tensors (much faster than two on a busy
+    machine); use it with ``pytestmark = pytest.mark.usefixtures('single_thread')``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='session')
+def orepa_r50(tmp_path_factory):
+    """An official OREPA ResNet-50 (tiny, see ``official_checkpoints.R50``): its train
+    checkpoint as the official train.py saves it, its deploy state_dict, its fused convs."""
+    from official_checkpoints import official_resnet, save_official_train
+    train, deploy, convs = official_resnet('OREPA', 50)
+    folder = tmp_path_factory.mktemp('orepa_r50')
+    torch.save(deploy, folder / 'deploy.pth')
+    return dict(train=save_official_train(folder / 'ResNet-50_OREPA.pth.tar', train,
+                                          'ResNet-50'),
+                deploy=folder / 'deploy.pth', convs=convs)

@@ -1,0 +1,120 @@
+"""Helpers shared by the test files (import as ``from helpers import ...``: pytest puts
+``tests/`` on ``sys.path`` for its ``conftest.py``). Fixtures live in ``conftest.py``; what
+users checking their own blocks may want lives in :mod:`mmreparam.testing`."""
+import math
+
+import torch
+
+from mmreparam.models.layers.factory import REPARAM_TYPES
+from mmreparam.testing import default_dtype
+
+F64 = torch.float64
+#: What a float64 load, expansion or fold must reproduce (relative to the largest output).
+MAX_REL_ERROR = 1e-10
+
+
+def reparam_types():
+    """Every ``reparam=`` name a backbone takes, sorted: parametrize over this, never a typed
+    list, so that a new block type is tested wherever the others are."""
+    return sorted(REPARAM_TYPES)
+
+
+def float64_default():
+    """Build in float64, so that helper buffers (OREPA's prior) are float64-accurate."""
+    return default_dtype(F64)
+
+
+def image(seed=0, size=32, batch=1):
+    """A seeded float64 image batch ``(batch, 3, size, size)``."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed),
+                       dtype=F64)
+
+
+def run(model, x):
+    """The model's outputs (a list), without autograd."""
+    with torch.no_grad():
+        return list(model(x))
+
+
+def max_rel_error(outputs, reference):
+    """The largest absolute difference over all outputs, relative to the largest reference
+    value."""
+    diff = max((a - b).abs().max().item() for a, b in zip(outputs, reference))
+    return diff / max(b.abs().max().item() for b in reference)
+
+
+def check(name, outputs, reference, tolerance=MAX_REL_ERROR):
+    """Assert that ``outputs`` reproduce ``reference`` (as many, within ``tolerance``)."""
+    assert len(outputs) == len(reference)
+    error = max_rel_error(outputs, reference)
+    print(f'[exact] {name}: max relative error {error:.1e}')
+    assert error <= tolerance, f'{name}: {error}'
+
+
+def pretrained(backbone, checkpoint, **kwargs):
+    """Build a backbone with ``init_cfg=Pretrained`` (``prefix`` if given) in float64,
+    initialise it, eval mode."""
+    init_cfg = dict(type='Pretrained', checkpoint=str(checkpoint))
+    if 'prefix' in kwargs:
+        init_cfg['prefix'] = kwargs.pop('prefix')
+    with float64_default():
+        model = backbone(init_cfg=init_cfg, **kwargs)
+    model.init_weights()
+    return model.eval()
+
+
+def torchvision_features(net, x):
+    """The four stage outputs of a torchvision ResNet (what our backbones return)."""
+    with torch.no_grad():
+        y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        outs = []
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            y = layer(y)
+            outs.append(y)
+    return outs
+
+
+class Rand:
+    """Seeded float64 tensors for checkpoints written without mmreparam."""
+
+    def __init__(self, seed):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def normal(self, *shape, scale=1.0):
+        return torch.randn(*shape, generator=self.gen, dtype=F64) * scale
+
+    def uniform(self, *shape, low, high):
+        return torch.rand(*shape, generator=self.gen, dtype=F64) * (high - low) + low
+
+    def conv(self, cout, cin, k):
+        return self.normal(cout, cin, k, k, scale=math.sqrt(2.0 / (cin * k * k)))
+
+    def bn(self, c):
+        return dict(weight=self.uniform(c, low=0.5, high=1.5),
+                    bias=self.uniform(c, low=-0.5, high=0.5),
+                    running_mean=self.uniform(c, low=-0.5, high=0.5),
+                    running_var=self.uniform(c, low=0.5, high=2.0),
+                    num_batches_tracked=torch.tensor(1000))
+
+
+def prefixed(prefix, state):
+    """``state`` with ``prefix`` before every key."""
+    return {prefix + key: value for key, value in state.items()}
+
+
+def sub(state, prefix):
+    """The entries of ``state`` under ``prefix``, the prefix removed."""
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def official_resnet_keys(state):
+    """An mmreparam ResNet state in the official OREPA_CVPR2022 / DBB names (``stem.`` ->
+    ``stage0.conv1.``, ``layer<i>.`` -> ``stage<i>.``, ``downsample.0.`` -> ``shortcut.``)."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace('stem.', 'stage0.conv1.', 1)
+        for i in range(1, 5):
+            key = key.replace(f'layer{i}.', f'stage{i}.', 1)
+        out[key.replace('downsample.0.', 'shortcut.')] = value
+    return out
+
