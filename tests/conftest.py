@@ -1,9 +1,7 @@
 """Shared test configuration."""
-import importlib.util
 import logging
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,15 +36,8 @@ def _mmengine_log_streams():
 @pytest.fixture(scope='session')
 def load_tool():
     """A function that imports ``tools/<name>.py`` as a module (tools/ is not a package)."""
-    tools = Path(__file__).resolve().parents[1] / 'tools'
-
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(name, tools / f'{name}.py')
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    return load
+    from helpers import load_tool
+    return load_tool
 
 
 @pytest.fixture(scope='module')

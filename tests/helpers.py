@@ -1,13 +1,19 @@
 """Helpers shared by the test files (import as ``from helpers import ...``: pytest puts
 ``tests/`` on ``sys.path`` for its ``conftest.py``). Fixtures live in ``conftest.py``; what
 users checking their own blocks may want lives in :mod:`mmreparam.testing`."""
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 from mmreparam.models.layers.factory import REPARAM_TYPES
 from mmreparam.testing import default_dtype
 
+ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 #: What a float64 load, expansion or fold must reproduce (relative to the largest output).
 MAX_REL_ERROR = 1e-10
@@ -118,3 +124,32 @@ def official_resnet_keys(state):
         out[key.replace('downsample.0.', 'shortcut.')] = value
     return out
 
+
+
+def load_tool(name):
+    """Import ``tools/<name>.py`` as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tool(name, *args, cwd=ROOT):
+    """Run ``tools/<name>`` like a user would; return its output; fail with its log."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / name), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f'tools/{name} failed:\n{proc.stdout[-3000:]}\n' \
+        f'{proc.stderr[-5000:]}'
+    return proc.stdout + proc.stderr
+
+
+#: The small Faster R-CNN (OREPA-R18 at width 8) that the tests train, fold and quantize in
+#: place of the demo config's R50; append it to a config text based on that config.
+TINY_FASTER_RCNN = '''model = dict(
+    backbone=dict(depth=18, base_channels=8),
+    neck=dict(in_channels=[8, 16, 32, 64], out_channels=16),
+    rpn_head=dict(in_channels=16, feat_channels=16),
+    roi_head=dict(bbox_roi_extractor=dict(out_channels=16),
+                  bbox_head=dict(in_channels=16, fc_out_channels=32)))
+'''

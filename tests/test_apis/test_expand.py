@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from helpers import torchvision_features
 
 import mmreparam
 from mmreparam.checkpoint import CheckpointError
@@ -11,16 +12,6 @@ from mmreparam.testing import randomize_bn, randomize_parameters
 
 F64 = torch.float64
 TOL = 1e-10
-
-
-def torchvision_features(net, x):
-    with torch.no_grad():
-        y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        outs = []
-        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-            y = layer(y)
-            outs.append(y)
-    return outs
 
 
 def features(model, x):

@@ -9,7 +9,7 @@ random BN statistics) to a relative error of 1e-10.
 """
 import pytest
 import torch
-from helpers import F64, check, image, prefixed, pretrained, run
+from helpers import F64, check, image, prefixed, pretrained, run, torchvision_features
 from official_checkpoints import (
     R50,
     official_repvgg,
@@ -185,12 +185,7 @@ def test_torchvision_resnet18(tmp_path):
     net = randomize_bn(torchvision.models.resnet18().to(F64), 6).eval()
     torch.save(net.state_dict(), tmp_path / 'resnet18.pth')
     x = image(6)
-    with torch.no_grad():
-        y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        reference = []
-        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-            y = layer(y)
-            reference.append(y)
+    reference = torchvision_features(net, x)
     model = pretrained(ResNet, tmp_path / 'resnet18.pth', depth=18, reparam='OREPA')
     check('torchvision ResNet-18 -> OREPA', run(model, x), reference)
 

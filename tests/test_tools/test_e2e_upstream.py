@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, tool
 from PIL import Image
-from test_e2e import ROOT, tool
 
 DET_CFG = '''
 _base_ = '{root}/configs/demo/rtmdet_orepa-tiny_200i_synthetic.py'
@@ -81,13 +81,6 @@ loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'mmreparam')
 assert not loaded, loaded
 print('mmreparam in sys.modules:', 'mmreparam' in sys.modules)
 '''
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    tool('generate_data.py', '--root', root, '--num-train', 6, '--num-val', 4, '--size', 96)
-    return root
 
 
 def upstream_test(tmp_path, work, out):
