@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mmreparam.models.layers.factory import REPARAM_TYPES
+from mmreparam.models.layers.factory import REPARAM_TYPES, reparam_block_type
 from mmreparam.testing import default_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +23,12 @@ def reparam_types():
     """Every ``reparam=`` name a backbone takes, sorted: parametrize over this, never a typed
     list, so that a new block type is tested wherever the others are."""
     return sorted(REPARAM_TYPES)
+
+
+def reparam_block_types():
+    """The block class of each of :func:`reparam_types` for a 3x3 convolution (``ConvBN``
+    for ``'base'``)."""
+    return [reparam_block_type(name, 3) for name in reparam_types()]
 
 
 def float64_default():

@@ -2,6 +2,7 @@
 the blocks' own state markers, unknown official-style layouts named, not guessed."""
 import pytest
 import torch
+from helpers import reparam_types
 
 from mmreparam.checkpoint import CheckpointError, detect_format, load_pretrained
 from mmreparam.models import RepVGG, ResNet
@@ -24,7 +25,7 @@ def test_block_type_detection_follows_the_blocks():
     """The converter recognises blocks by the blocks' own state_markers: every block type's
     state, in any model, is recognised with its reparam."""
     from mmreparam.checkpoint.formats import blocks_reparam
-    for reparam in ('base', 'ACB', 'DBB', 'OREPA', 'RepVGG', 'QARepVGG', 'OREPA_VGG'):
+    for reparam in reparam_types():
         model = ResNet(depth=18, reparam=reparam, base_channels=8, stem_channels=32)
         assert blocks_reparam(model.state_dict()) == reparam
         assert detect_format(model.state_dict()).reparam == reparam

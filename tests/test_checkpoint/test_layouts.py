@@ -9,7 +9,16 @@ random BN statistics) to a relative error of 1e-10.
 """
 import pytest
 import torch
-from helpers import F64, check, image, prefixed, pretrained, run, torchvision_features
+from helpers import (
+    F64,
+    check,
+    image,
+    prefixed,
+    pretrained,
+    reparam_types,
+    run,
+    torchvision_features,
+)
 from official_checkpoints import (
     R50,
     official_repvgg,
@@ -153,7 +162,7 @@ def test_plain_layout_is_torchvision_layout(plain_r50):
     assert detect_format(torch.load(plain_r50[0])).name == 'plain_resnet'
 
 
-@pytest.mark.parametrize('reparam', ['base', 'ACB', 'DBB', 'OREPA', 'RepVGG', 'OREPA_VGG'])
+@pytest.mark.parametrize('reparam', reparam_types())
 def test_plain_resnet50_expanded(plain_r50, reparam):
     path, reference = plain_r50
     model = pretrained(ResNet, path, reparam=reparam, **R50)
@@ -162,6 +171,7 @@ def test_plain_resnet50_expanded(plain_r50, reparam):
     # ones start switched off.
     assert any(name.endswith('weight_orepa_gconv_dw') or name.endswith('dbb_avg.avgbn.weight')
                or name.endswith('rbr_1x1.bn.weight') or name.endswith('hor_bn.weight')
+               or name.endswith('rbr_1x1.weight')  # QARepVGG's 1x1 branch has no BN
                for name, _ in model.named_parameters()) == (reparam != 'base')
 
 
