@@ -1,6 +1,7 @@
 """Helpers shared by the test files (import as ``from helpers import ...``: pytest puts
 ``tests/`` on ``sys.path`` for its ``conftest.py``). Fixtures live in ``conftest.py``; what
 users checking their own blocks may want lives in :mod:`mmreparam.testing`."""
+import copy
 import importlib.util
 import math
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from mmreparam.models.layers.factory import REPARAM_TYPES, reparam_block_type
-from mmreparam.testing import default_dtype
+from mmreparam.testing import default_dtype, randomize_bn, randomize_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -159,3 +160,102 @@ TINY_FASTER_RCNN = '''model = dict(
     roi_head=dict(bbox_roi_extractor=dict(out_channels=16),
                   bbox_head=dict(in_channels=16, fc_out_channels=32)))
 '''
+
+#: The small PSPNet (OREPA-R18 at width 8, 96-pixel inputs) in place of the demo config's.
+TINY_PSPNET = '''model = dict(
+    data_preprocessor=dict(size=(96, 96)),
+    backbone=dict(depth=18, base_channels=8),
+    decode_head=dict(in_channels=64, channels=8),
+    auxiliary_head=dict(in_channels=32, channels=8))
+'''
+
+#: Config lines that point a configs/demo detection config at the generated data set of the
+#: ``data`` fixture (in tests/test_tools/conftest.py); ``.format(data=...)`` them.
+GENERATED_DET_DATA = '''data_root = '{data}/det/'
+train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
+val_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+test_evaluator = val_evaluator
+'''
+
+#: The same for a configs/demo segmentation config.
+GENERATED_SEG_DATA = '''data_root = '{data}/seg/'
+train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
+val_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
+test_dataloader = val_dataloader
+'''
+
+
+def short_schedule(iters, checkpoint_interval):
+    """Config lines for a run of ``iters`` iterations (validated at its end), a checkpoint
+    every ``checkpoint_interval`` and a log line every iteration."""
+    return (f'train_cfg = dict(max_iters={iters}, val_interval={iters})\n'
+            'param_scheduler = [dict(type=\'LinearLR\', start_factor=0.5, by_epoch=False, '
+            'begin=0, end=2)]\n'
+            f'default_hooks = dict(checkpoint=dict(interval={checkpoint_interval}), '
+            'logger=dict(interval=1))\n')
+
+
+def build(tmp_path, text, scope):
+    """The model of config ``text`` (written to ``tmp_path/cfg.py``) built in ``scope``
+    ('mmdet', 'mmseg' or 'mmpretrain'), initialised, with random branch scales and BN."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    path = tmp_path / 'cfg.py'
+    path.write_text(text)
+    cfg = Config.fromfile(str(path))
+    init_default_scope(scope)
+    if scope == 'mmdet':
+        from mmdet.registry import MODELS
+    elif scope == 'mmseg':
+        from mmseg.registry import MODELS
+    else:
+        from mmpretrain.registry import MODELS
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    randomize_parameters(model, ('vector', 'idconv1.weight'), seed=1)
+    randomize_bn(model, seed=2)
+    return model
+
+
+def seg_batch(size=64, num_classes=4, batch=2):
+    """Inputs and segmentation data samples for a train step of an mmseg model."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    data_samples = []
+    for _ in range(batch):
+        sample = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
+                                             pad_shape=(size, size)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, size, size)))
+        data_samples.append(sample)
+    return dict(inputs=[torch.randint(0, 255, (3, size, size), dtype=torch.uint8)] * batch,
+                data_samples=data_samples)
+
+
+def check_train_step_and_fold(model, data, loss_keys):
+    """A training step reaches every backbone parameter and reports one of ``loss_keys``;
+    the folded model (returned) has no unfolded block and computes the same (1e-4)."""
+    import mmreparam
+    model.train()
+    batch = model.data_preprocessor(copy.deepcopy(data), True)
+    losses = model(**batch, mode='loss')
+    loss = sum(v.sum() if isinstance(v, torch.Tensor) else sum(v)
+               for k, v in losses.items() if 'loss' in k)
+    loss.backward()
+    assert any(k in losses for k in loss_keys), list(losses)
+    grads = [p.grad for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+
+    model.eval()
+    folded = mmreparam.fold(model)
+    assert not [m for m in folded.modules()
+                if isinstance(m, mmreparam.models.layers.ReparamBlock)
+                and m.reparam_conv is None]
+    batch = model.data_preprocessor(copy.deepcopy(data), False)
+    err = mmreparam.fold_error(model, folded,
+                               dict(inputs=batch['inputs'],
+                                    data_samples=batch['data_samples'], mode='tensor'))
+    assert err['max_rel'] < 1e-4, err
+    return folded

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import ROOT, TINY_FASTER_RCNN, load_tool
+from helpers import ROOT, TINY_FASTER_RCNN, TINY_PSPNET, load_tool
 
 pytest.importorskip('onnxruntime')
 
@@ -38,12 +38,7 @@ _base_ = '{root}/configs/demo/pspnet_orepa-r50-d8_200i_synthetic.py'
 data_root = '{data}/seg/'
 val_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
 test_dataloader = val_dataloader
-model = dict(
-    data_preprocessor=dict(size=(96, 96)),
-    backbone=dict(depth=18, base_channels=8),
-    decode_head=dict(in_channels=64, channels=8),
-    auxiliary_head=dict(in_channels=32, channels=8))
-'''
+''' + TINY_PSPNET
 
 NUM_VAL = 6
 

@@ -1,13 +1,13 @@
 """mmreparam.RepMLPResNet: both arches fold exactly, deploy=True builds the folded structure,
 input-size rules, frozen stages; inside mmpretrain / mmdet / mmseg models built from upstream
-configs (through the helpers of test_in_toolboxes). Widths and inputs are reduced.
+configs (through the helpers test_in_toolboxes uses). Widths and inputs are reduced.
 """
 import copy
 
 import pytest
 import torch
+from helpers import build, check_train_step_and_fold, seg_batch
 from mmengine.config import Config
-from test_in_toolboxes import build, check_train_step_and_fold, seg_batch
 
 import mmreparam
 from mmreparam.apis.deploy import deploy_config
