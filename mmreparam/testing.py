@@ -57,6 +57,26 @@ def randomize_parameters(model: nn.Module, names, seed: int = 0, scale: float = 
     return model
 
 
+def randomized_block(block_type, cfg: dict, seed: int = 0) -> nn.Module:
+    """A block to check a fold with: ``block_type(**cfg)`` in float64 with every parameter
+    random (zero- and constant-initialised branch scales included, so that every branch
+    contributes) and random BatchNorm statistics, in eval mode.
+
+    Args:
+        block_type (type): A block class, e.g. :class:`~mmreparam.models.layers.OREPA`.
+        cfg (dict): Its constructor arguments.
+        seed (int): Seed of the weights. Defaults to 0.
+
+    Returns:
+        nn.Module: The block.
+    """
+    torch.manual_seed(seed)
+    module = block_type(**cfg).double()
+    randomize_parameters(module, ('', ), seed=seed)
+    randomize_bn(module, seed=seed + 1)
+    return module.eval()
+
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Make ``dtype`` torch's default dtype meanwhile (restored afterwards).

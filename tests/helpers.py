@@ -220,6 +220,22 @@ def build(tmp_path, text, scope):
     return model
 
 
+def pspnet_config(backbone, aux_channels, channels):
+    """A config text of mmseg's PSPNet (64-pixel crops, 4 classes, 16-channel heads) around
+    ``backbone`` (a dict), whose last two stages give ``aux_channels`` and ``channels``."""
+    return f'''
+_base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py'
+norm_cfg = dict(type='BN', requires_grad=True)
+model = dict(
+    pretrained=None,
+    data_preprocessor=dict(size=(64, 64)),
+    backbone=dict(_delete_=True, **{backbone!r}),
+    decode_head=dict(in_channels={channels}, channels=16, norm_cfg=norm_cfg, num_classes=4),
+    auxiliary_head=dict(in_channels={aux_channels}, channels=16, norm_cfg=norm_cfg,
+                        num_classes=4))
+'''
+
+
 def seg_batch(size=64, num_classes=4, batch=2):
     """Inputs and segmentation data samples for a train step of an mmseg model."""
     from mmengine.structures import PixelData

@@ -7,7 +7,7 @@ Each model is built from a config that inherits the upstream one (``mmdet::``, `
 """
 import pytest
 import torch
-from helpers import build, check_train_step_and_fold, seg_batch
+from helpers import build, check_train_step_and_fold, pspnet_config, seg_batch
 
 RESNET = dict(type='mmreparam.ResNet', depth=50, reparam='OREPA', base_channels=16,
               norm_cfg=dict(type='BN'), init_cfg=None)
@@ -47,18 +47,7 @@ def test_dilated_pspnet(tmp_path, name):
                         contract_dilation=True)
     else:
         backbone.update(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
-    model = build(tmp_path, f'''
-_base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py'
-norm_cfg = dict(type='BN', requires_grad=True)
-model = dict(
-    pretrained=None,
-    data_preprocessor=dict(size=(64, 64)),
-    backbone=dict(_delete_=True, **{backbone!r}),
-    decode_head=dict(in_channels={channels[3]}, channels=16, norm_cfg=norm_cfg,
-                     num_classes=4),
-    auxiliary_head=dict(in_channels={channels[2]}, channels=16, norm_cfg=norm_cfg,
-                        num_classes=4))
-''', 'mmseg')
+    model = build(tmp_path, pspnet_config(backbone, channels[2], channels[3]), 'mmseg')
     check_train_step_and_fold(model, seg_batch(), ('decode.loss_ce', ))
 
 
