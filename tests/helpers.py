@@ -20,6 +20,10 @@ F64 = torch.float64
 MAX_REL_ERROR = 1e-10
 
 
+# ------------------------------------------------------------------------------------------
+# Block types
+
+
 def reparam_types():
     """Every ``reparam=`` name a backbone takes, sorted: parametrize over this, never a typed
     list, so that a new block type is tested wherever the others are."""
@@ -30,6 +34,10 @@ def reparam_block_types():
     """The block class of each of :func:`reparam_types` for a 3x3 convolution (``ConvBN``
     for ``'base'``)."""
     return [reparam_block_type(name, 3) for name in reparam_types()]
+
+
+# ------------------------------------------------------------------------------------------
+# Exact (float64) comparisons
 
 
 def float64_default():
@@ -87,6 +95,10 @@ def torchvision_features(net, x):
     return outs
 
 
+# ------------------------------------------------------------------------------------------
+# Checkpoints written without mmreparam
+
+
 class Rand:
     """Seeded float64 tensors for checkpoints written without mmreparam."""
 
@@ -131,6 +143,10 @@ def official_resnet_keys(state):
         out[key.replace('downsample.0.', 'shortcut.')] = value
     return out
 
+
+
+# ------------------------------------------------------------------------------------------
+# Tools and config texts
 
 
 def load_tool(name):
@@ -195,6 +211,10 @@ def short_schedule(iters, checkpoint_interval):
             'begin=0, end=2)]\n'
             f'default_hooks = dict(checkpoint=dict(interval={checkpoint_interval}), '
             'logger=dict(interval=1))\n')
+
+
+# ------------------------------------------------------------------------------------------
+# Models inside the toolboxes
 
 
 def build(tmp_path, text, scope):
