@@ -7,6 +7,8 @@ from helpers import reparam_types
 from mmreparam.checkpoint import CheckpointError, detect_format, load_pretrained
 from mmreparam.models import RepVGG, ResNet
 
+pytestmark = pytest.mark.usefixtures('single_thread')
+
 
 def test_unknown_official_style_layout_is_named_not_guessed(tmp_path):
     """``stage0.*`` keys that are neither an OREPA/DBB ResNet, a RepVGG nor a RepMLP-ResNet
