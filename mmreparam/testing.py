@@ -4,6 +4,9 @@ A freshly built BatchNorm has mean 0, variance 1, weight 1 and bias 0, so it fol
 zero bias and an unscaled kernel and proves nothing about the fold. These helpers make
 every BatchNorm (and every learned branch scale) random, as after training.
 """
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -58,6 +61,45 @@ def randomize_parameters(model: nn.Module, names, seed: int = 0, scale: float = 
             param.copy_((torch.randn(param.shape, generator=gen, dtype=torch.float64)
                          * scale).to(param))
     return model
+
+
+def randomized_block(block_type, cfg: dict, seed: int = 0) -> nn.Module:
+    """A block to check a fold with: ``block_type(**cfg)`` in float64 with every parameter
+    random (zero- and constant-initialised branch scales included, so that every branch
+    contributes) and random BatchNorm statistics, in eval mode.
+
+    Args:
+        block_type (type): A block class, e.g. :class:`~mmreparam.models.layers.OREPA`.
+        cfg (dict): Its constructor arguments.
+        seed (int): Seed of the weights. Defaults to 0.
+
+    Returns:
+        nn.Module: The block.
+    """
+    torch.manual_seed(seed)
+    module = block_type(**cfg).double()
+    randomize_parameters(module, ('', ), seed=seed)
+    randomize_bn(module, seed=seed + 1)
+    return module.eval()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Make ``dtype`` torch's default dtype meanwhile (restored afterwards).
+
+    Build a block or model inside it to check a fold in float64: buffers a block computes
+    when it is built (OREPA's frequency prior) are then exact in float64, where
+    ``model.double()`` after a float32 build only widens float32-rounded values.
+
+    Args:
+        dtype (torch.dtype): A floating dtype, e.g. ``torch.float64``.
+    """
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
 
 
 def official_repopt_keys(state_dict: dict) -> dict:

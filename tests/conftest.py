@@ -1,9 +1,7 @@
 """Shared test configuration."""
-import importlib.util
 import logging
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,12 +36,28 @@ def _mmengine_log_streams():
 @pytest.fixture(scope='session')
 def load_tool():
     """A function that imports ``tools/<name>.py`` as a module (tools/ is not a package)."""
-    tools = Path(__file__).resolve().parents[1] / 'tools'
+    from helpers import load_tool
+    return load_tool
 
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(name, tools / f'{name}.py')
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
 
-    return load
+@pytest.fixture(scope='module')
+def single_thread():
+    """One torch thread for a module of tiny tensors (much faster than two on a busy
+    machine); use it with ``pytestmark = pytest.mark.usefixtures('single_thread')``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='session')
+def orepa_r50(tmp_path_factory):
+    """An official OREPA ResNet-50 (tiny, see ``official_checkpoints.R50``): its train
+    checkpoint as the official train.py saves it, its deploy state_dict, its fused convs."""
+    from official_checkpoints import official_resnet, save_official_train
+    train, deploy, convs = official_resnet('OREPA', 50)
+    folder = tmp_path_factory.mktemp('orepa_r50')
+    torch.save(deploy, folder / 'deploy.pth')
+    return dict(train=save_official_train(folder / 'ResNet-50_OREPA.pth.tar', train,
+                                          'ResNet-50'),
+                deploy=folder / 'deploy.pth', convs=convs)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from helpers import reparam_types, torchvision_features
 
 import mmreparam
 from mmreparam.checkpoint import CheckpointError
@@ -11,16 +12,9 @@ from mmreparam.testing import randomize_bn, randomize_parameters
 
 F64 = torch.float64
 TOL = 1e-10
-
-
-def torchvision_features(net, x):
-    with torch.no_grad():
-        y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        outs = []
-        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-            y = layer(y)
-            outs.append(y)
-    return outs
+#: Every block type with branches to expand into; not 'base': its ConvBN is the plain conv
+#: and BN themselves, loaded as they are (no block is expanded, no branch is switched off).
+EXPANDING = [reparam for reparam in reparam_types() if reparam != 'base']
 
 
 def features(model, x):
@@ -45,7 +39,7 @@ def torchvision_r18():
     return randomize_bn(torchvision.models.resnet18().to(F64), seed=1).eval()
 
 
-@pytest.mark.parametrize('reparam', ['DBB', 'OREPA', 'ACB', 'RepVGG', 'QARepVGG'])
+@pytest.mark.parametrize('reparam', EXPANDING)
 def test_torchvision_resnet_expands_exactly(torchvision_r18, reparam):
     x = torch.randn(1, 3, 48, 48, dtype=F64, generator=torch.Generator().manual_seed(2))
     model = backbone(reparam)

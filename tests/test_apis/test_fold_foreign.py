@@ -16,32 +16,11 @@ import torch.nn as nn
 
 import mmreparam
 from mmreparam.errors import ForeignFoldError
-from mmreparam.testing import randomize_bn
+from mmreparam.testing import default_dtype, randomize_bn
 
 F64 = torch.float64
 
-
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """Small tensors: one thread is faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class default_dtype:
-    """Build (and run foreign folds) with ``dtype`` as the default dtype."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def __enter__(self):
-        self.saved = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc):
-        torch.set_default_dtype(self.saved)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 @torch.no_grad()

@@ -7,17 +7,15 @@ the float one, its outputs stay close to the float ones on held-back images, and
 of both runs through mmdet's CocoMetric with the heads in PyTorch. A small PSPNet goes
 through the API. Bad input is one error line, and a failure writes nothing.
 """
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, TINY_FASTER_RCNN, TINY_PSPNET, load_tool
 
 pytest.importorskip('onnxruntime')
 
-ROOT = Path(__file__).resolve().parents[2]
 
 DET_CFG = '''
 _base_ = '{root}/configs/demo/faster-rcnn_orepa-r50_fpn_200i_synthetic.py'
@@ -33,36 +31,21 @@ val_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root, pipeline=t
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
-model = dict(
-    backbone=dict(depth=18, base_channels=8),
-    neck=dict(in_channels=[8, 16, 32, 64], out_channels=16),
-    rpn_head=dict(in_channels=16, feat_channels=16),
-    roi_head=dict(bbox_roi_extractor=dict(out_channels=16),
-                  bbox_head=dict(in_channels=16, fc_out_channels=32)))
-'''
+''' + TINY_FASTER_RCNN
 
 SEG_CFG = '''
 _base_ = '{root}/configs/demo/pspnet_orepa-r50-d8_200i_synthetic.py'
 data_root = '{data}/seg/'
 val_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
 test_dataloader = val_dataloader
-model = dict(
-    data_preprocessor=dict(size=(96, 96)),
-    backbone=dict(depth=18, base_channels=8),
-    decode_head=dict(in_channels=64, channels=8),
-    auxiliary_head=dict(in_channels=32, channels=8))
-'''
+''' + TINY_PSPNET
 
 NUM_VAL = 6
 
 
 def quantize_tool():
     """tools/quantize.py as a module (its ``main(argv)`` returns the exit status)."""
-    spec = importlib.util.spec_from_file_location('quantize_tool',
-                                                  ROOT / 'tools' / 'quantize.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool('quantize')
 
 
 def build_model(cfg):

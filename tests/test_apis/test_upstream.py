@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from helpers import reparam_types
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
@@ -13,7 +14,7 @@ from mmreparam.apis.deploy import deploy_pair, models_registry
 from mmreparam.apis.upstream import NoUpstreamForm, upstream_deploy
 from mmreparam.testing import randomize_bn, randomize_parameters
 
-REPARAMS = ['base', 'ACB', 'DBB', 'OREPA', 'RepVGG', 'OREPA_VGG']
+REPARAMS = reparam_types()
 
 
 def build(scope, node):

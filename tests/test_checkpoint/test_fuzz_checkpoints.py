@@ -21,6 +21,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import official_resnet_keys
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mmengine.logging.history_buffer import HistoryBuffer
@@ -74,16 +75,6 @@ def differing(state, reference):
     return [k for k in reference if not torch.equal(state[k], reference[k])]
 
 
-def to_official(state):
-    out = {}
-    for key, value in state.items():
-        key = key.replace('stem.', 'stage0.conv1.', 1)
-        for i in range(1, 5):
-            key = key.replace(f'layer{i}.', f'stage{i}.', 1)
-        out[key.replace('downsample.0.', 'shortcut.')] = value
-    return out
-
-
 def to_plain(state):
     """A ``reparam='base'`` state in torchvision's names."""
     out = {}
@@ -118,7 +109,7 @@ class Sources:
                   for name in ('stem', 'stage_1.0', 'stage_1.1')}
         self.objects = {
             'own': {'state_dict': own.state_dict(), 'meta': {'epoch': 3}},
-            'official': to_official(own.state_dict()),
+            'official': official_resnet_keys(own.state_dict()),
             'plain': to_plain(plain.state_dict()),
             'classifier': {'state_dict': classifier.state_dict(),
                            'meta': {'seed': np.int64(3)},

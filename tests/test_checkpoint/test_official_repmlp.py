@@ -13,14 +13,13 @@ A ResNet-50 at base width 8 on 112x112 inputs with the official 7x7 partitions a
 ``(1, 3, 5)`` local kernels: stage 2 (14x14) has 2x2 partitions and a global perceptron,
 stage 3 (7x7) one partition and none.
 """
-import contextlib
-import importlib.util
 import math
-from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import F64, Rand, check, float64_default, prefixed, run, sub
 
 from mmreparam.checkpoint import (
     CheckpointError,
@@ -31,51 +30,13 @@ from mmreparam.checkpoint import (
 )
 from mmreparam.models import RepMLPResNet
 
-F64 = torch.float64
-MAX_REL_ERROR = 1e-10
-REPO = Path(__file__).resolve().parents[2]
 BASE, IMG, PART, KERNELS = 8, 112, 7, (1, 3, 5)
 FC3_GROUPS = dict(light=4, bottleneck=8)  # create_RepMLPRes50_{Light,Bottleneck}_224
 BOTTLENECK_R = (2, 4)
 MODEL = dict(base_channels=BASE, img_size=IMG, out_indices=(0, 1, 2, 3))
 HEAD = ('linear.weight', 'linear.bias')
 
-
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """These tensors are tiny: one thread is much faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Rand:
-    """Seeded float64 tensors for the fixtures."""
-
-    def __init__(self, seed):
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def normal(self, *shape, scale=1.0):
-        return torch.randn(*shape, generator=self.gen, dtype=F64) * scale
-
-    def uniform(self, *shape, low, high):
-        return torch.rand(*shape, generator=self.gen, dtype=F64) * (high - low) + low
-
-    def bn(self, c):
-        return dict(weight=self.uniform(c, low=0.5, high=1.5),
-                    bias=self.uniform(c, low=-0.5, high=0.5),
-                    running_mean=self.uniform(c, low=-0.5, high=0.5),
-                    running_var=self.uniform(c, low=0.5, high=2.0),
-                    num_batches_tracked=torch.tensor(1000))
-
-
-def prefixed(prefix, state):
-    return {prefix + key: value for key, value in state.items()}
-
-
-def sub(state, prefix):
-    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,43 +235,12 @@ def reference_forward(p, x):
 
 
 def image(seed=0):
-    return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def max_rel_error(outputs, reference):
-    diff = max((a - b).abs().max().item() for a, b in zip(outputs, reference))
-    return diff / max(b.abs().max().item() for b in reference)
-
-
-def check(name, outputs, reference, tolerance=MAX_REL_ERROR):
-    assert len(outputs) == len(reference)
-    error = max_rel_error(outputs, reference)
-    print(f'[official RepMLP] {name}: max relative error {error:.1e}')
-    assert error <= tolerance, f'{name}: {error}'
-
-
-@contextlib.contextmanager
-def float64_default():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(F64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(dtype)
+    return helpers.image(seed, size=IMG, batch=2)
 
 
 def pretrained(checkpoint, **kwargs):
     """RepMLPResNet with init_cfg=Pretrained, built in float64, initialised, eval mode."""
-    with float64_default():
-        model = RepMLPResNet(init_cfg=dict(type='Pretrained', checkpoint=str(checkpoint)),
-                             **MODEL, **kwargs)
-    model.init_weights()
-    return model.eval()
-
-
-def run(model, x):
-    with torch.no_grad():
-        return list(model(x))
+    return helpers.pretrained(RepMLPResNet, checkpoint, **MODEL, **kwargs)
 
 
 @pytest.fixture(scope='module', params=['light', 'bottleneck'])
@@ -396,13 +326,11 @@ def test_own_repmlp_checkpoint_of_the_other_form_is_refused():
         load_pretrained(RepMLPResNet('light', **MODEL), folded.state_dict())
 
 
-def test_official_repmlp_convert_tool(official, tmp_path, capsys):
+def test_official_repmlp_convert_tool(official, tmp_path, capsys, load_tool):
     """``tools/convert.py --arch RepMLP-Res50-<arch>-224``: a train checkpoint with
     ``--deploy`` is loaded and folded; a deploy checkpoint is copied, and refused (one error
     line, nothing written) for a train-form output."""
-    spec = importlib.util.spec_from_file_location('convert_tool', REPO / 'tools' / 'convert.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool('convert')
     arch = official['arch']
     for form in ('train', 'deploy'):
         dst = tmp_path / f'{form}.pth'

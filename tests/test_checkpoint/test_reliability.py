@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from helpers import official_resnet_keys
 from mmengine.logging import MMLogger
 
 import mmreparam
@@ -152,20 +153,9 @@ def test_ambiguous_block_names_the_block_and_keys(orepa_state):
     assert 'layer1.0.conv1.weight_orepa_origin' in message
 
 
-def official_orepa_resnet(state):
-    """An mmreparam OREPA ResNet state in the official OREPA_CVPR2022 names."""
-    out = {}
-    for key, value in state.items():
-        key = key.replace('stem.', 'stage0.conv1.', 1)
-        for i in range(1, 5):
-            key = key.replace(f'layer{i}.', f'stage{i}.', 1)
-        out[key.replace('downsample.0.', 'shortcut.')] = value
-    return out
-
-
 @pytest.mark.parametrize('shape', [(8, ), ()])
 def test_official_gconv_pw_of_a_wrong_shape_is_a_checkpoint_error(orepa_state, shape):
-    state = official_orepa_resnet(orepa_state)
+    state = official_resnet_keys(orepa_state)
     key = 'stage1.0.conv1.weight_orepa_gconv_pw'
     assert key in state and detect_format(state).name == 'official_resnet'
     state[key] = torch.zeros(shape)

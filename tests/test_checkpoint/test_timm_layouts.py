@@ -6,10 +6,9 @@ mmreparam backbone loaded through ``init_cfg=Pretrained``, ``tools/convert.py`` 
 ``mmreparam.expand`` must compute timm's own ``forward_features`` in float64 to a relative
 error of 1e-10.
 """
-import contextlib
-
 import pytest
 import torch
+from helpers import F64, MAX_REL_ERROR, float64_default, image, pretrained
 
 import mmreparam
 from mmreparam.checkpoint import detect_format
@@ -18,31 +17,7 @@ from mmreparam.testing import randomize_bn
 
 timm = pytest.importorskip('timm', reason='timm is not installed (requirements/tests.txt)')
 
-F64 = torch.float64
-MAX_REL_ERROR = 1e-10
-
-
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def float64_default():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(F64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(dtype)
-
-
-def image(seed, size=32):
-    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed),
-                       dtype=F64)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def timm_model(name, seed, reparameterized=False):
@@ -67,14 +42,6 @@ def last_output(model, x):
 
 def rel_error(out, reference):
     return ((out - reference).abs().max() / reference.abs().max()).item()
-
-
-def pretrained(backbone, checkpoint, **kwargs):
-    with float64_default():
-        model = backbone(init_cfg=dict(type='Pretrained', checkpoint=str(checkpoint)),
-                         **kwargs)
-    model.init_weights()
-    return model.eval()
 
 
 @pytest.fixture(scope='module')

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import reparam_block_types
 from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.optim import OptimWrapper
@@ -36,7 +37,7 @@ from mmreparam.models.regularizers import (
     equivalent_kernel_l2,
 )
 from mmreparam.registry import MODELS
-from mmreparam.testing import randomize_bn, randomize_parameters
+from mmreparam.testing import randomize_bn, randomize_parameters, randomized_block
 
 CASES = [
     (ConvBN, dict(in_channels=3, out_channels=4, kernel_size=3)),
@@ -53,14 +54,10 @@ CASES = [
     (OREPALargeConv, dict(in_channels=3, out_channels=4, kernel_size=5)),
     (OREPAVGGBlock, dict(in_channels=4, out_channels=4, kernel_size=3, act_cfg=None)),
 ]
-
-
-def make_block(block, cfg, seed=0):
-    torch.manual_seed(seed)
-    module = block(**cfg).double()
-    randomize_parameters(module, ('', ), seed=seed)  # every parameter, zero-inits included
-    randomize_bn(module, seed=seed + 1)
-    return module.eval()
+#: Every other block type a backbone takes, at one geometry: a new block type is covered
+#: without an entry above.
+CASES += [(block, dict(in_channels=4, out_channels=4, kernel_size=3, act_cfg=None))
+          for block in reparam_block_types() if block not in {b for b, _ in CASES}]
 
 
 def kernel_by_probing(block):
@@ -87,7 +84,7 @@ def kernel_by_probing(block):
 @pytest.mark.parametrize('block,cfg', CASES,
                          ids=[f'{b.__name__}-{i}' for i, (b, _) in enumerate(CASES)])
 def test_gradient_equals_autograd_of_squared_kernel_norm(block, cfg):
-    module = make_block(block, cfg)
+    module = randomized_block(block, cfg)
     params = dict(module.named_parameters())
     probed = kernel_by_probing(module)
     kernel, _ = module.get_equivalent_kernel_bias()
@@ -114,7 +111,7 @@ def test_gradient_equals_autograd_of_squared_kernel_norm(block, cfg):
 
 
 def test_autocast_does_not_lower_the_precision():
-    block = make_block(DBB, dict(in_channels=4, out_channels=8, kernel_size=3)).float()
+    block = randomized_block(DBB, dict(in_channels=4, out_channels=8, kernel_size=3)).float()
     ref = equivalent_kernel_l2(block)
     with torch.autocast('cpu', dtype=torch.bfloat16):  # DBB's fold merges with a conv
         out = equivalent_kernel_l2(block)

@@ -14,61 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    GENERATED_DET_DATA,
+    GENERATED_SEG_DATA,
+    ROOT,
+    TINY_FASTER_RCNN,
+    TINY_PSPNET,
+    short_schedule,
+    tool,
+)
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
+DET_CFG = ("_base_ = '{root}/configs/demo/faster-rcnn_orepa-r50_fpn_200i_synthetic.py'\n"
+           + GENERATED_DET_DATA + short_schedule(4, 2) + TINY_FASTER_RCNN)
 
-DET_CFG = '''
-_base_ = '{root}/configs/demo/faster-rcnn_orepa-r50_fpn_200i_synthetic.py'
-data_root = '{data}/det/'
-train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
-val_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
-test_evaluator = val_evaluator
-model = dict(
-    backbone=dict(depth=18, base_channels=8),
-    neck=dict(in_channels=[8, 16, 32, 64], out_channels=16),
-    rpn_head=dict(in_channels=16, feat_channels=16),
-    roi_head=dict(bbox_roi_extractor=dict(out_channels=16),
-                  bbox_head=dict(in_channels=16, fc_out_channels=32)))
-train_cfg = dict(max_iters=4, val_interval=4)
-param_scheduler = [dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin=0, end=2)]
-default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))
-'''
-
-SEG_CFG = '''
-_base_ = '{root}/configs/demo/pspnet_orepa-r50-d8_200i_synthetic.py'
-data_root = '{data}/seg/'
-train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
-val_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
-test_dataloader = val_dataloader
-model = dict(
-    data_preprocessor=dict(size=(96, 96)),
-    backbone=dict(depth=18, base_channels=8),
-    decode_head=dict(in_channels=64, channels=8),
-    auxiliary_head=dict(in_channels=32, channels=8))
-train_cfg = dict(max_iters=2, val_interval=2)
-param_scheduler = [dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin=0, end=2)]
-default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))
-'''
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    tool('generate_data.py', '--root', root, '--num-train', 6, '--num-val', 4, '--size', 96)
-    return root
-
-
-def tool(name, *args, cwd=ROOT):
-    """Run ``tools/<name>`` like a user would; return its output; fail with its log."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / name), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f'tools/{name} failed:\n{proc.stdout[-3000:]}\n' \
-        f'{proc.stderr[-5000:]}'
-    return proc.stdout + proc.stderr
+SEG_CFG = ("_base_ = '{root}/configs/demo/pspnet_orepa-r50-d8_200i_synthetic.py'\n"
+           + GENERATED_SEG_DATA + short_schedule(2, 2) + TINY_PSPNET)
 
 
 def check_deploy_artifacts(work, registry_scope, form='upstream'):

@@ -16,33 +16,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import GENERATED_DET_DATA, GENERATED_SEG_DATA, ROOT, short_schedule, tool
 from PIL import Image
-from test_e2e import ROOT, tool
 
-DET_CFG = '''
-_base_ = '{root}/configs/demo/rtmdet_orepa-tiny_200i_synthetic.py'
-data_root = '{data}/det/'
-train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
-val_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
-test_evaluator = val_evaluator
-train_cfg = dict(max_iters=4, val_interval=4)
-param_scheduler = [dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin=0, end=2)]
-default_hooks = dict(checkpoint=dict(interval=4), logger=dict(interval=1))
-'''
+DET_CFG = ("_base_ = '{root}/configs/demo/rtmdet_orepa-tiny_200i_synthetic.py'\n"
+           + GENERATED_DET_DATA + short_schedule(4, 4))
 
-SEG_CFG = '''
-_base_ = '{root}/configs/demo/bisenetv2-orepa_fcn_200i_synthetic.py'
-data_root = '{data}/seg/'
-train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
-val_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
-test_dataloader = val_dataloader
-model = dict(data_preprocessor=dict(size=(96, 96)))
-train_cfg = dict(max_iters=2, val_interval=2)
-param_scheduler = [dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin=0, end=2)]
-default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))
-'''
+SEG_CFG = ("_base_ = '{root}/configs/demo/bisenetv2-orepa_fcn_200i_synthetic.py'\n"
+           + GENERATED_SEG_DATA + 'model = dict(data_preprocessor=dict(size=(96, 96)))\n'
+           + short_schedule(2, 2))
 
 # The upstream test, as mmdet's / mmseg's tools/test.py runs it (those scripts are not in
 # the wheels): Runner.from_cfg(cfg).test() in the config's default scope, --out as theirs.
@@ -81,13 +63,6 @@ loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'mmreparam')
 assert not loaded, loaded
 print('mmreparam in sys.modules:', 'mmreparam' in sys.modules)
 '''
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    tool('generate_data.py', '--root', root, '--num-train', 6, '--num-val', 4, '--size', 96)
-    return root
 
 
 def upstream_test(tmp_path, work, out):

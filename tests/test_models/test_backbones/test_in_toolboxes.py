@@ -5,15 +5,9 @@ Each model is built from a config that inherits the upstream one (``mmdet::``, `
 ``custom_imports``); it runs a training step (forward + backward), is folded with
 ``mmreparam.fold``, and must give the same outputs afterwards. Widths are reduced.
 """
-import copy
-
 import pytest
 import torch
-from mmengine.config import Config
-from mmengine.registry import init_default_scope
-
-import mmreparam
-from mmreparam.testing import randomize_bn, randomize_parameters
+from helpers import build, check_train_step_and_fold, pspnet_config, seg_batch
 
 RESNET = dict(type='mmreparam.ResNet', depth=50, reparam='OREPA', base_channels=16,
               norm_cfg=dict(type='BN'), init_cfg=None)
@@ -25,63 +19,6 @@ BACKBONES = {
     'resnet': (RESNET, [64, 128, 256, 512]),
     'repvgg': (REPVGG, [16, 32, 64, 128]),
 }
-
-
-def build(tmp_path, text, scope):
-    path = tmp_path / 'cfg.py'
-    path.write_text(text)
-    cfg = Config.fromfile(str(path))
-    init_default_scope(scope)
-    if scope == 'mmdet':
-        from mmdet.registry import MODELS
-    elif scope == 'mmseg':
-        from mmseg.registry import MODELS
-    else:
-        from mmpretrain.registry import MODELS
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    randomize_parameters(model, ('vector', 'idconv1.weight'), seed=1)
-    randomize_bn(model, seed=2)
-    return model
-
-
-def seg_batch(size=64, num_classes=4, batch=2):
-    """Inputs and segmentation data samples for a train step of an mmseg model."""
-    from mmengine.structures import PixelData
-    from mmseg.structures import SegDataSample
-    data_samples = []
-    for _ in range(batch):
-        sample = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
-                                             pad_shape=(size, size)))
-        sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, size, size)))
-        data_samples.append(sample)
-    return dict(inputs=[torch.randint(0, 255, (3, size, size), dtype=torch.uint8)] * batch,
-                data_samples=data_samples)
-
-
-def check_train_step_and_fold(model, data, loss_keys):
-    model.train()
-    batch = model.data_preprocessor(copy.deepcopy(data), True)
-    losses = model(**batch, mode='loss')
-    loss = sum(v.sum() if isinstance(v, torch.Tensor) else sum(v)
-               for k, v in losses.items() if 'loss' in k)
-    loss.backward()
-    assert any(k in losses for k in loss_keys), list(losses)
-    grads = [p.grad for n, p in model.backbone.named_parameters() if p.requires_grad]
-    assert grads and all(g is not None for g in grads)
-
-    model.eval()
-    folded = mmreparam.fold(model)
-    assert not [m for m in folded.modules()
-                if isinstance(m, mmreparam.models.layers.ReparamBlock)
-                and m.reparam_conv is None]
-    batch = model.data_preprocessor(copy.deepcopy(data), False)
-    err = mmreparam.fold_error(model, folded,
-                               dict(inputs=batch['inputs'],
-                                    data_samples=batch['data_samples'], mode='tensor'))
-    assert err['max_rel'] < 1e-4, err
-    return folded
 
 
 @pytest.mark.parametrize('name', list(BACKBONES))
@@ -110,18 +47,7 @@ def test_dilated_pspnet(tmp_path, name):
                         contract_dilation=True)
     else:
         backbone.update(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
-    model = build(tmp_path, f'''
-_base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py'
-norm_cfg = dict(type='BN', requires_grad=True)
-model = dict(
-    pretrained=None,
-    data_preprocessor=dict(size=(64, 64)),
-    backbone=dict(_delete_=True, **{backbone!r}),
-    decode_head=dict(in_channels={channels[3]}, channels=16, norm_cfg=norm_cfg,
-                     num_classes=4),
-    auxiliary_head=dict(in_channels={channels[2]}, channels=16, norm_cfg=norm_cfg,
-                        num_classes=4))
-''', 'mmseg')
+    model = build(tmp_path, pspnet_config(backbone, channels[2], channels[3]), 'mmseg')
     check_train_step_and_fold(model, seg_batch(), ('decode.loss_ce', ))
 
 

@@ -1,13 +1,13 @@
 """mmreparam.RepMLPResNet: both arches fold exactly, deploy=True builds the folded structure,
 input-size rules, frozen stages; inside mmpretrain / mmdet / mmseg models built from upstream
-configs (through the helpers of test_in_toolboxes). Widths and inputs are reduced.
+configs (through the helpers test_in_toolboxes uses). Widths and inputs are reduced.
 """
 import copy
 
 import pytest
 import torch
+from helpers import build, check_train_step_and_fold, pspnet_config, seg_batch
 from mmengine.config import Config
-from test_in_toolboxes import build, check_train_step_and_fold, seg_batch
 
 import mmreparam
 from mmreparam.apis.deploy import deploy_config
@@ -141,15 +141,6 @@ def test_dilated_pspnet_with_fixed_crops(tmp_path):
                     strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), img_size=64,
                     partition_size=2, reparam_conv_kernels=(1, ), out_indices=(0, 1, 2, 3),
                     init_cfg=None)
-    model = build(tmp_path, f'''
-_base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py'
-norm_cfg = dict(type='BN', requires_grad=True)
-model = dict(
-    pretrained=None,
-    data_preprocessor=dict(size=(64, 64)),
-    backbone=dict(_delete_=True, **{backbone!r}),
-    decode_head=dict(in_channels=512, channels=16, norm_cfg=norm_cfg, num_classes=4),
-    auxiliary_head=dict(in_channels=256, channels=16, norm_cfg=norm_cfg, num_classes=4))
-''', 'mmseg')
+    model = build(tmp_path, pspnet_config(backbone, 256, 512), 'mmseg')
     folded = check_train_step_and_fold(model, seg_batch(), ('decode.loss_ce', ))
     assert not unfolded_left(folded)

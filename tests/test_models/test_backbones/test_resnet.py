@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+from helpers import reparam_types
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmreparam
@@ -19,7 +20,6 @@ from mmreparam.models.layers import (
     OREPAVGGBlock,
     RepVGGBlock,
 )
-from mmreparam.models.layers.factory import REPARAM_TYPES
 from mmreparam.testing import randomize_bn, randomize_parameters
 
 SMALL = dict(base_channels=8, init_cfg=None)
@@ -92,7 +92,7 @@ def test_official_per_kernel_size_rule():
     assert [types[f'stem.{i}'] for i in range(3)] == [DBB] * 3
 
 
-@pytest.mark.parametrize('reparam', sorted(REPARAM_TYPES))
+@pytest.mark.parametrize('reparam', reparam_types())
 @pytest.mark.parametrize('depth', [18, 50])
 def test_every_reparam_folds_exactly(reparam, depth):
     model = small(depth, reparam=reparam).double()
@@ -161,7 +161,7 @@ def test_bad_arguments(kwargs, match):
         ResNet(**kwargs)
 
 
-@pytest.mark.parametrize('reparam', sorted(REPARAM_TYPES))
+@pytest.mark.parametrize('reparam', reparam_types())
 @pytest.mark.parametrize('deep_stem', [False, True])
 def test_stem_lr_mult_reaches_every_stem_parameter_only(reparam, deep_stem):
     from mmengine.optim import build_optim_wrapper

@@ -25,7 +25,7 @@ from mmreparam.models.layers import (
 )
 from mmreparam.models.layers.base import block_type_of_state, block_types
 from mmreparam.models.layers.fuse import Affine
-from mmreparam.testing import randomize_bn, randomize_parameters
+from mmreparam.testing import randomized_block
 
 # block -> (supported kernel sizes, supports groups)
 BLOCKS = {
@@ -61,20 +61,12 @@ def block_configs(draw, block):
     return cfg
 
 
-def make_block(block, cfg, seed=0):
-    torch.manual_seed(seed)
-    module = block(**cfg).double()
-    randomize_parameters(module, ('', ), seed=seed)  # every parameter, zero-inits included
-    randomize_bn(module, seed=seed + 1)
-    return module.eval()
-
-
 def relative_error(ref, out):
     return ((ref - out).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def check_fold(block, cfg):
-    module = make_block(block, cfg)
+    module = randomized_block(block, cfg)
     size = 2 * cfg['dilation'] * (cfg['kernel_size'] // 2) + 5
     x = torch.randn(2, cfg['in_channels'], size, size + 1, dtype=torch.float64)
     for dtype in (torch.float64, torch.float32):
@@ -122,7 +114,7 @@ def test_fold_is_exact(block):
 def test_gradients_reach_every_branch(block):
     sizes, grouped = BLOCKS[block]
     cfg = dict(in_channels=4, out_channels=4, kernel_size=sizes[-1], groups=2 if grouped else 1)
-    module = make_block(block, cfg).train()
+    module = randomized_block(block, cfg).train()
     kernel, bias = module.get_equivalent_kernel_bias()
     gen = torch.Generator().manual_seed(0)
     loss = (kernel * torch.randn(kernel.shape, generator=gen, dtype=kernel.dtype)).sum() + \
@@ -207,7 +199,7 @@ def random_affine(channels, with_bn, seed):
 def check_expansion(block, cfg, with_bn):
     """``expansion_state(kernel, affine)`` makes the block compute ``affine(conv(x, kernel))``
     (with its own SE and activation after it); the other branches keep their weights."""
-    module = make_block(block, cfg)
+    module = randomized_block(block, cfg)
     shape = module.get_equivalent_kernel_bias()[0].shape
     gen = torch.Generator().manual_seed(1)
     kernel = torch.randn(shape, generator=gen, dtype=torch.float64)

@@ -15,7 +15,7 @@ from test_blocks import TOL, relative_error
 import mmreparam
 from mmreparam.models.layers import ConvBN, Foldable, RepMLPBlock
 from mmreparam.models.layers.fuse import conv_to_fc, fuse_preceding_bn
-from mmreparam.testing import randomize_bn, randomize_parameters
+from mmreparam.testing import randomize_bn, randomized_block
 
 
 @st.composite
@@ -39,16 +39,8 @@ def repmlp_configs(draw):
     return cfg, size
 
 
-def make_block(cfg, seed=0):
-    torch.manual_seed(seed)
-    block = RepMLPBlock(**cfg).double()
-    randomize_parameters(block, ('', ), seed=seed)  # every parameter, every branch
-    randomize_bn(block, seed=seed + 1)
-    return block.eval()
-
-
 def check_fold(cfg, size):
-    block = make_block(cfg)
+    block = randomized_block(RepMLPBlock, cfg)
     x = torch.randn(2, cfg['in_channels'], *size, dtype=torch.float64)
     for dtype in (torch.float64, torch.float32):
         unfolded = copy.deepcopy(block).to(dtype)
@@ -89,8 +81,9 @@ def test_fold_is_exact(case):
 
 
 def test_gradients_reach_every_parameter():
-    block = make_block(dict(in_channels=4, out_channels=4, partition_size=(3, 5),
-                            reparam_conv_kernels=(1, 3), groups=2, input_size=(6, 10))).train()
+    block = randomized_block(RepMLPBlock, dict(
+        in_channels=4, out_channels=4, partition_size=(3, 5), reparam_conv_kernels=(1, 3),
+        groups=2, input_size=(6, 10))).train()
     weight, bias = block.get_equivalent_fc3()
     fc1_weight, fc1_bias = block.gp.get_equivalent_fc1()
     gen = torch.Generator().manual_seed(0)
@@ -187,8 +180,9 @@ class _ForeignFoldable(nn.Module):
 
 
 def test_fold_tree_folds_every_foldable():
-    block = make_block(dict(in_channels=4, out_channels=4, partition_size=2,
-                            reparam_conv_kernels=(1, ), global_perceptron=None))
+    block = randomized_block(RepMLPBlock, dict(in_channels=4, out_channels=4, partition_size=2,
+                                               reparam_conv_kernels=(1, ),
+                                               global_perceptron=None))
     model = nn.Sequential(block, ConvBN(4, 4, 3).double().eval(), _ForeignFoldable())
     assert isinstance(block, Foldable) and isinstance(model[1], Foldable)
     folded = mmreparam.fold(model)

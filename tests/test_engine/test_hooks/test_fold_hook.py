@@ -1,10 +1,10 @@
 """FoldHook inside a real mmengine run (an mmpretrain classifier on a tiny image folder)."""
 import logging
-import os
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_tool
 from mmengine.config import Config
 from mmengine.runner import Runner
 from PIL import Image
@@ -285,12 +285,7 @@ def deploy_files(folder):
 
 def fold_tool():
     """tools/fold.py as a module (its ``main(argv)`` returns the exit status)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'fold_tool', os.path.join(os.path.dirname(__file__), '..', '..', 'tools', 'fold.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool('fold')
 
 
 def redo_with_fold_tool(hint, tmp_path):
