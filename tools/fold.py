@@ -69,7 +69,7 @@ def run(args):
 
     import mmreparam
     from mmreparam.apis.deploy import export_deploy
-    from mmreparam.apis.fold import check_fold, fold_check_messages, fold_error_detail
+    from mmreparam.apis.fold_check import check_fold, fold_check_messages, fold_error_detail
     cfg = load_config(args.config, args.cfg_options)
     model = build_model(cfg)
     load_weights(model, args.checkpoint)

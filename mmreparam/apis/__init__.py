@@ -2,7 +2,8 @@
 and the upstream model's, :func:`upstream_deploy`), :func:`quantize_int8` and
 :func:`reparameterize` (any CNN's conv -> BN pairs into re-param blocks)."""
 from .deploy import deploy_config, export_deploy
-from .fold import fold, fold_error, fold_error_on_batch
+from .fold import fold
+from .fold_check import fold_error, fold_error_on_batch
 from .pairs import ConvBNPair, find_conv_bn_pairs
 from .quantize import quantize_int8
 from .reparameterize import ReparamReport, reparameterize, upstream_config

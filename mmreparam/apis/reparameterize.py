@@ -32,7 +32,7 @@ from ..models.layers.factory import (
 from ..models.layers.fuse import Affine
 from ..registry import MODELS
 from ..utils import without_pretrained
-from .fold import fold_error
+from .fold_check import fold_error
 from .pairs import (
     ConvBNPair,
     _reference_tensor,

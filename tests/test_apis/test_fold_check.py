@@ -15,7 +15,7 @@ from mmengine.config import Config
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmreparam
-from mmreparam.apis.fold import check_fold, fold_check_messages, fold_error_on_batch
+from mmreparam.apis.fold_check import check_fold, fold_check_messages, fold_error_on_batch
 from mmreparam.testing import randomize_bn, randomize_parameters
 
 pytest.importorskip('mmdet')

@@ -14,7 +14,8 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner import EpochBasedTrainLoop
 
 from ...apis.deploy import DEPLOY_CKPT, check_deploy_form, export_deploy
-from ...apis.fold import check_fold, fold, fold_check_messages
+from ...apis.fold import fold
+from ...apis.fold_check import check_fold, fold_check_messages
 from ...registry import HOOKS
 from ...utils import describe_error
 
@@ -127,7 +128,7 @@ class FoldHook(Hook):
         raise ValueError('no dataloader is configured')
 
     def _check(self, runner, model, folded, loader_names) -> dict:
-        """Measure the fold error (:func:`mmreparam.apis.fold.check_fold`) and log it;
+        """Measure the fold error (:func:`mmreparam.apis.fold_check.check_fold`) and log it;
         never raises. Returns the ``fold_check`` record."""
         record, self.last_fold_error = check_fold(
             model, folded, lambda: self._first_batch(runner, loader_names), self.max_rel_error)

@@ -303,8 +303,8 @@ def test_measuring_failure_is_a_warning_and_the_files_are_written(image_folder, 
         raise RuntimeError('max(): Expected reduction dim to be specified (injected)')
 
     import importlib  # the module of the check that FoldHook and tools/fold.py share
-    monkeypatch.setattr(importlib.import_module('mmreparam.apis.fold'), 'fold_error_on_batch',
-                        broken)
+    monkeypatch.setattr(importlib.import_module('mmreparam.apis.fold_check'),
+                        'fold_error_on_batch', broken)
     cfg = classifier_cfg(image_folder, tmp_path, hooks=[dict(type='mmreparam.FoldHook')])
     runner, records = run_training(cfg)
     warnings = records.lines(logging.WARNING)
