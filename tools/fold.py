@@ -121,7 +121,7 @@ def run(args):
 def fuse_bn_deploy(folded, cfg, deploy_form, batch):
     """``--fuse-bn``: the deploy model (upstream or mmreparam's form, built from its config
     and loaded with its weights) with its BN pairs fused (conv / linear -> BN, BN -> layer)
-    (:func:`mmreparam.apis.pairs.fuse_conv_bn_pairs`, found by running it on ``batch``),
+    (:func:`mmreparam.apis.fuse_pairs.fuse_conv_bn_pairs`, found by running it on ``batch``),
     and its deploy pair: the config wraps the model's in ``mmreparam.FusedBN`` with the
     fused pairs, the state_dict is the fused model's. The pairs that cannot be fused are
     named on one line; they stay exact.
@@ -132,12 +132,8 @@ def fuse_bn_deploy(folded, cfg, deploy_form, batch):
     from mmengine.config import Config
 
     from mmreparam.apis.deploy import deploy_pair
-    from mmreparam.apis.pairs import (
-        describe_pair,
-        find_conv_bn_pairs,
-        fuse_conv_bn_pairs,
-        unfused_pairs,
-    )
+    from mmreparam.apis.fuse_pairs import describe_pair, fuse_conv_bn_pairs, unfused_pairs
+    from mmreparam.apis.pairs import find_conv_bn_pairs
     from mmreparam.cli.model import build_model
     pair = deploy_pair(folded, cfg, deploy_form)
     if pair['config'] is None:

@@ -4,6 +4,7 @@ and the upstream model's, :func:`upstream_deploy`), :func:`quantize_int8` and
 from .deploy import deploy_config, export_deploy
 from .fold import fold
 from .fold_check import fold_error, fold_error_on_batch
+from .fuse_pairs import build_fused_bn  # noqa: F401 - registers mmreparam.FusedBN
 from .pairs import ConvBNPair, find_conv_bn_pairs
 from .quantize import quantize_int8
 from .reparameterize import ReparamReport, reparameterize, upstream_config

@@ -26,7 +26,8 @@ from .fold_check import (  # noqa: F401 - re-exported: mmreparam.apis.fold.check
     fold_error_detail,
     fold_error_on_batch,
 )
-from .pairs import ConvBNPair, describe_pair, fuse_conv_bn_pairs, search_pairs, unfused_pairs
+from .fuse_pairs import describe_pair, fuse_conv_bn_pairs, unfused_pairs
+from .pairs import ConvBNPair, search_pairs
 from .surgery import restore_upstream
 
 
@@ -56,7 +57,7 @@ def fold(model: nn.Module, inplace: bool = False, strict: bool = False, *,
     ``more=True``, the search of :func:`mmreparam.reparameterize`); each pair whose first
     module's output only the second one uses is fused (the conv or linear layer gets the
     BN's eval-mode affine map in its kernel and bias, the BN becomes ``nn.Identity``:
-    :func:`~mmreparam.apis.pairs.fuse_conv_bn_pairs`; a BN before a conv only when the conv
+    :func:`~mmreparam.apis.fuse_pairs.fuse_conv_bn_pairs`; a BN before a conv only when the conv
     has no padding). The ``state_dict`` keys change then (no BN entries, layer biases): a
     deploy model that no longer loads into its upstream class. The pairs that the search
     found but cannot fuse (the output is used elsewhere too, shared modules, a BN without

@@ -9,7 +9,8 @@ import torch.nn as nn
 from mmengine.registry import MODELS as ROOT_MODELS
 
 import mmreparam
-from mmreparam.apis.pairs import fuse_conv_bn_pairs, fused_structure, search_pairs
+from mmreparam.apis.fuse_pairs import fuse_conv_bn_pairs, fused_structure
+from mmreparam.apis.pairs import search_pairs
 from mmreparam.errors import ForeignFoldError
 from mmreparam.testing import randomize_bn
 
