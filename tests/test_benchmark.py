@@ -40,3 +40,13 @@ def test_block_types_come_from_the_registry():
 
 def test_launches_reports_nothing_without_cuda():
     assert SECTIONS['launches'](BenchmarkSettings(device='cpu')).tables == []
+
+
+def test_train_step_child_process_returns_its_measurement():
+    """The training-step measurement runs in a fresh process and hands its result back
+    through a file (not stdout)."""
+    from mmreparam.benchmark.cost import _train_step_in_subprocess
+    stats = _train_step_in_subprocess(reparam='base', batch=2, size=64, repeats=1, warmup=0,
+                                      device='cpu')
+    assert len(stats['times']) == 1 and stats['times'][0] > 0
+    assert stats['params'] > 20e6 and stats['peak_memory'] > 0

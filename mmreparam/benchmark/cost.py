@@ -1,9 +1,11 @@
 """The training-cost sections (``train``, ``ops``, ``launches``): ResNet-50 with each
 ``reparam`` (names of :data:`~mmreparam.models.layers.factory.REPARAM_TYPES`)."""
 import json
+import os.path as osp
 import statistics
 import subprocess
 import sys
+import tempfile
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
@@ -85,11 +87,14 @@ def train_step_cost(reparam: str, batch: int, size: int, repeats: int, warmup: i
 
 
 def _train_step_in_subprocess(**kwargs) -> dict:
-    cmd = [sys.executable, '-m', 'mmreparam.benchmark.child', json.dumps(kwargs)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f'benchmark child failed:\n{out.stderr[-3000:]}')
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        result = osp.join(tmp, 'result.json')
+        cmd = [sys.executable, '-m', 'mmreparam.benchmark.child', json.dumps(kwargs), result]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f'benchmark child failed:\n{out.stderr[-3000:]}')
+        with open(result) as f:
+            return json.load(f)
 
 
 def bench_train(s: BenchmarkSettings) -> Report:
