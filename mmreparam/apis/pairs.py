@@ -424,20 +424,5 @@ def convmodule_pairs(module: nn.Module) -> List[ConvBNPair]:
     return pairs
 
 
-#: The fusing half, moved to :mod:`mmreparam.apis.fuse_pairs`; still importable from here.
-_FUSE_NAMES = ('fuse_conv_bn_pairs', 'fused_structure', 'unfused_pairs', 'describe_pair',
-               'build_fused_bn')
-
-
-def __getattr__(name: str) -> Any:
-    """The names that moved to :mod:`mmreparam.apis.fuse_pairs` (which imports this module,
-    so it is looked up when asked for, not imported here)."""
-    if name in _FUSE_NAMES:
-        from . import fuse_pairs
-        return getattr(fuse_pairs, name)
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-# the moved names resolve through __getattr__ (``from ... import *`` included)
 __all__ = ['ConvBNPair', 'find_conv_bn_pairs', 'convmodule_pairs', 'call_module',
-           'example_inputs', 'search_pairs'] + list(_FUSE_NAMES)
+           'example_inputs', 'search_pairs']

@@ -9,7 +9,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...errors import CheckpointError
 from ...utils import pretrained_init, without_pretrained
-from ..layers.base import Foldable, fold_children, is_mmreparam
+from ..layers.base import Foldable
+from ..layers.foreign import fold_children
 from ..layers.orepa import batched_kernel_generation
 
 #: The activation inside the units of the ResNet-style backbones (as mmdet's ResNet).
@@ -73,7 +74,7 @@ class ReparamBackbone(BaseModule):
         :meth:`switch_to_deploy`). Derived from the blocks; the constructor's ``deploy``
         when the backbone holds none."""
         foldables = [m for m in self.modules()
-                     if m is not self and is_mmreparam(m) and isinstance(m, Foldable)]
+                     if m is not self and isinstance(m, Foldable)]
         if not foldables:
             return self._built_deploy
         return all(m.folded for m in foldables)

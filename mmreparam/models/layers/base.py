@@ -453,19 +453,3 @@ class ReparamBlock(BaseModule, Foldable):
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
                 f'stride={self.stride}, padding={self.padding}, dilation={self.dilation}, '
                 f'groups={self.groups}, folded={self.reparam_conv is not None}')
-
-
-def is_mmreparam(module: nn.Module) -> bool:
-    """Whether the module's class or one of its bases is defined in mmreparam."""
-    return any(cls.__module__.startswith('mmreparam.') for cls in type(module).__mro__)
-
-
-#: The tree walk moved to :mod:`.foreign`; these names stay importable from here.
-_MOVED_TO_FOREIGN = ('fold_tree', 'fold_children')
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_FOREIGN:
-        from . import foreign
-        return getattr(foreign, name)
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
