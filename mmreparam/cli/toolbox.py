@@ -82,8 +82,7 @@ def run_upstream_tool(name: str, argv: List[str], metrics_json: Optional[str] = 
 
     Raises:
         FileNotFoundError: The config (or test.py's checkpoint) does not exist.
-        ValueError: The config's toolbox cannot be determined, or ``metrics_json`` cannot
-            be passed on (see :func:`_hook_options`).
+        ValueError: The config's toolbox cannot be determined.
     """
     import torch.distributed as dist
 
