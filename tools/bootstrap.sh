@@ -22,6 +22,9 @@
 #   MMREPARAM_CACHE      where built mmcv wheels are kept (default: ~/.cache/mmreparam)
 #   FORCE_CUDA=1         build mmcv with CUDA ops (default: only when torch sees a GPU)
 #   MAX_JOBS             parallel compile jobs for mmcv (default: number of cores)
+#   NEED_GIB             free disk space a complete venv needs, checked before anything is
+#                        installed (default: 8; the pinned CUDA torch stack takes 6.4 GiB, the
+#                        torch 2.1 one 5.6, plus pip's temporary files)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -70,6 +73,28 @@ inputs_hash() {
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(inputs_hash)" ] \
    && [ -x "$VENV/bin/python" ]; then
   exit 0  # environment is up to date
+fi
+
+# Disk space first: pip fails deep inside an install when the disk fills, and leaves a
+# half-installed venv behind. What is already in the venv counts towards the need.
+NEED_GIB=${NEED_GIB:-8}
+case "$NEED_GIB" in
+  ''|*[!0-9]*) echo "[bootstrap] NEED_GIB must be a whole number of GiB, not '$NEED_GIB'" >&2
+               exit 1 ;;
+esac
+NEED_KIB=$(( NEED_GIB * 1024 * 1024 ))
+HAVE_KIB=0
+if [ -d "$VENV" ]; then HAVE_KIB=$(du -sk "$VENV" | cut -f1); fi
+VENV_DISK=$(dirname "$VENV")  # the nearest existing directory: nothing is created to look
+while [ ! -d "$VENV_DISK" ]; do VENV_DISK=$(dirname "$VENV_DISK"); done
+FREE_KIB=$(df -Pk "$VENV_DISK" | awk 'NR == 2 {print $4}')
+if [ $(( NEED_KIB - HAVE_KIB )) -gt "$FREE_KIB" ]; then
+  printf '[bootstrap] not enough disk space for %s: a complete environment takes about %s GiB ' \
+    "$VENV" "$NEED_GIB" >&2
+  printf '(%s GiB of it there already), and its filesystem has %s GiB free.\n' \
+    "$(( HAVE_KIB / 1048576 ))" "$(( FREE_KIB / 1048576 ))" >&2
+  printf '[bootstrap] free some space, or set VENV to a directory on another disk.\n' >&2
+  exit 1
 fi
 
 run_step "1/6 virtual environment at $VENV ($("$PYTHON" --version 2>&1))"
