@@ -1,8 +1,14 @@
 """mmreparam.benchmark: the tables' Markdown, the page, and block types from the registry."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from mmreparam.benchmark import SECTIONS, BenchmarkSettings, Report, Table, benchmark_markdown
 from mmreparam.models.layers.factory import REPARAM_TYPES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_table_markdown_with_intro_and_notes():
@@ -36,6 +42,31 @@ def test_block_types_come_from_the_registry():
         BenchmarkSettings(reparams=['nope'])
     assert list(SECTIONS) == ['train', 'ops', 'launches', 'kernel', 'block', 'infer', 'fold',
                               'det']
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(repeats=0), 'repeats must be an int of at least 1, got 0'),
+    (dict(rounds=-1), 'rounds must be an int of at least 1, got -1'),
+    (dict(warmup=1.5), 'warmup must be an int of at least 0, got 1.5'),
+    (dict(repeats=True), 'repeats must be an int of at least 1, got True'),
+    (dict(infer_shape=(8, 0)), r'infer_shape must be two positive ints \(batch, size\), got '
+     r'\(8, 0\)'),
+    (dict(infer_shape=(8, )), r'infer_shape must be two positive ints'),
+    (dict(amp='fp16'), "amp must be None or 'bf16', got 'fp16'"),
+])
+def test_bad_settings_are_refused_before_anything_runs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BenchmarkSettings(**kwargs)
+
+
+def test_the_tool_reports_a_bad_setting_as_one_error_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--only', 'fold',
+                           '--repeats', '0', '--out', str(tmp_path / 'out')],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == ('tools/benchmark.py: error: repeats must be an int of at least 1, '
+                           'got 0\n')
+    assert not (tmp_path / 'out').exists()  # nothing measured, nothing written
 
 
 def test_launches_reports_nothing_without_cuda():

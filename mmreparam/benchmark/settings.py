@@ -31,6 +31,10 @@ class BenchmarkSettings:
             bfloat16 autocast. Defaults to None.
         config_dir (str): mmreparam's ``configs/`` folder (the mmdet sections build their
             detectors from it). Defaults to ``'configs'``.
+
+    Raises:
+        ValueError: An unknown block type or workload, a count below its least value
+            (``repeats`` and ``rounds`` 1, ``warmup`` 0), a bad ``infer_shape`` or ``amp``.
     """
     device: str = 'cpu'
     reparams: Sequence[str] = field(default_factory=_all_reparams)
@@ -43,6 +47,18 @@ class BenchmarkSettings:
     config_dir: str = 'configs'
 
     def __post_init__(self):
+        # Checked before anything runs: a count of 0 would fail only at the first median,
+        # after minutes of measuring.
+        for name, least in (('repeats', 1), ('rounds', 1), ('warmup', 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f'{name} must be an int of at least {least}, got {value!r}')
+        if (len(self.infer_shape) != 2
+                or not all(isinstance(v, int) and v >= 1 for v in self.infer_shape)):
+            raise ValueError('infer_shape must be two positive ints (batch, size), '
+                             f'got {self.infer_shape!r}')
+        if self.amp not in (None, 'bf16'):
+            raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
         unknown = [r for r in self.reparams if r not in _all_reparams()]
         if unknown:
             raise ValueError(f'unknown reparam {unknown}; choose from {_all_reparams()}')
