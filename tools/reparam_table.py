@@ -16,13 +16,19 @@ import torch
 
 from mmreparam.benchmark.reparam_table import BACKBONES, HEADER, REPARAMS, format_row, measure
 from mmreparam.fileio import atomic_write
+from mmreparam.models.layers.factory import REPARAM_TYPES
 
 
 def parse_args(argv=None):
+    """The command line; bad names and sizes are refused here, before any row is measured
+    (a row that fails is a table entry, so a typo would otherwise fill a table of failures)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--backbones', nargs='+', default=list(BACKBONES),
                         help=f'rows (default: all): {list(BACKBONES)}')
-    parser.add_argument('--reparams', nargs='+', default=list(REPARAMS), help='block types')
+    parser.add_argument('--reparams', nargs='+', default=list(REPARAMS),
+                        choices=list(REPARAM_TYPES), metavar='REPARAM',
+                        help=f'block types, of {", ".join(REPARAM_TYPES)} (default: '
+                        f'{" ".join(REPARAMS)})')
     parser.add_argument('--size', type=int, default=64, help='input size (default 64)')
     parser.add_argument('--steps', type=int, default=5,
                         help='timed training steps of each model (default 5)')
@@ -31,6 +37,9 @@ def parse_args(argv=None):
     unknown = [name for name in args.backbones if name not in BACKBONES]
     if unknown:
         parser.error(f'unknown backbone(s) {unknown}; choose from {list(BACKBONES)}')
+    for name in ('size', 'steps'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name} must be a positive int, got {getattr(args, name)}')
     return args
 
 

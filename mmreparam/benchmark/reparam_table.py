@@ -156,7 +156,12 @@ def measure(cfg: dict, reparam: str, size: int, steps: int) -> dict:
 
     Returns:
         dict: The row's values (see the module's documentation), for :func:`format_row`.
+
+    Raises:
+        ValueError: ``size`` or ``steps`` is below 1.
     """
+    if size < 1 or steps < 1:  # steps 0 would fail only at the step ratio's median
+        raise ValueError(f'size and steps must be positive, got size={size}, steps={steps}')
     torch.manual_seed(0)
     plain = randomize_bn(build(cfg), seed=1)
     x = torch.randn(2, 3, size, size)

@@ -1,4 +1,4 @@
-"""tools/reparam_table.py: one row measured and written; bad names refused."""
+"""tools/reparam_table.py: one row measured and written; bad names and sizes refused."""
 import pytest
 
 
@@ -8,6 +8,28 @@ def test_unknown_backbone_is_refused(load_tool, capsys):
         tool.main(['--backbones', 'nope'])
     assert exc.value.code == 2
     assert "unknown backbone(s) ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--reparams', 'nope'], "argument --reparams: invalid choice: 'nope'"),
+    (['--steps', '0'], '--steps must be a positive int, got 0'),
+    (['--size', '-64'], '--size must be a positive int, got -64'),
+])
+def test_bad_arguments_are_refused_before_any_row(load_tool, capsys, tmp_path, args, message):
+    tool = load_tool('reparam_table')
+    out = tmp_path / 'table.md'
+    with pytest.raises(SystemExit) as exc:
+        tool.main([*args, '--out', str(out)])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert captured.out == '' and not out.exists()  # no header, no row, no file
+
+
+def test_measure_refuses_zero_steps():
+    from mmreparam.benchmark.reparam_table import BACKBONES, measure
+    with pytest.raises(ValueError, match='size and steps must be positive, got size=64, steps=0'):
+        measure(BACKBONES['mmdet ResNet-50'], 'ACB', 64, 0)
 
 
 @pytest.mark.slow
