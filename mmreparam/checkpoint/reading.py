@@ -32,6 +32,8 @@ StateDict = Dict[str, Tensor]
 
 #: The model-zoo schemes mmengine resolves to a URL (or a file under its home).
 _ZOO_SCHEMES = ('torchvision://', 'modelzoo://', 'open-mmlab://', 'openmmlab://', 'mmcls://')
+#: mmengine's ``CheckpointLoader`` prefixes (regular expressions) of its ``load_from_ceph``.
+_FILE_BACKEND_SCHEMES = (r'(\S+\:)?s3://', r'(\S+\:)?petrel://')
 #: How many offending keys a message names.
 _NAMED_KEYS = 3
 
@@ -129,8 +131,8 @@ def read_checkpoint(checkpoint: Union[str, os.PathLike], map_location: Any = 'cp
 
 
 def load_from_mmreparam_safe(filename: str, map_location: Any = None) -> object:
-    """mmengine's ``CheckpointLoader`` scheme for files, URLs and model-zoo names (its log
-    line says "by mmreparam_safe backend")."""
+    """mmengine's ``CheckpointLoader`` scheme for files, URLs, model-zoo names and
+    ``s3://`` / ``petrel://`` paths (its log line says "by mmreparam_safe backend")."""
     checkpoint = read_checkpoint(filename, map_location)
     if filename.startswith('mmcls://'):
         from mmengine.runner.checkpoint import _process_mmcls_checkpoint
@@ -143,13 +145,14 @@ def register_safe_loaders() -> None:
     :func:`read_checkpoint`: local files, ``http(s)://`` URLs and the model-zoo names.
 
     mmengine unpickles URLs with ``torch.hub.load_state_dict_from_url``, whose
-    ``weights_only`` defaults to False; this replaces those schemes (and the local one, which
-    then gets the CRC check) with the safe loader. Idempotent; run when mmreparam is
-    imported. Other backends' schemes (``s3://``, ``pavi://``) are left to mmengine, whose
-    ``torch.load`` keeps torch's ``weights_only`` default.
+    ``weights_only`` defaults to False, and ``s3://`` / ``petrel://`` files with a plain
+    ``torch.load`` (False too before torch 2.6); this replaces those schemes (and the local
+    one, which then gets the CRC check) with the safe loader, under mmengine's own prefixes
+    so that they are replaced, not shadowed. Idempotent; run when mmreparam is imported.
+    ``pavi://`` (a closed backend that loads through its own client) is left to mmengine.
     """
     from mmengine.runner.checkpoint import CheckpointLoader
-    prefixes = ['', 'http://', 'https://', *_ZOO_SCHEMES]
+    prefixes = ['', 'http://', 'https://', *_ZOO_SCHEMES, *_FILE_BACKEND_SCHEMES]
     CheckpointLoader.register_scheme(prefixes=prefixes, force=True)(load_from_mmreparam_safe)
 
 

@@ -131,6 +131,37 @@ def test_model_zoo_names_go_through_the_safe_loader(tmp_path, payload, http_root
         convert_checkpoint(ResNet(reparam='OREPA', **SMALL), 'torchvision://r50')
 
 
+def test_file_backend_paths_go_through_the_safe_loader(tmp_path, payload, monkeypatch):
+    """``s3://`` / ``petrel://`` paths (mmengine's ``load_from_ceph``: a plain ``torch.load``,
+    ``weights_only=False`` before torch 2.6) are read through mmengine's file backend and
+    unpickled by the safe loader, on every entry point. The backend here serves local
+    files (no petrel client in the tests)."""
+    import mmengine.fileio
+    from mmengine.runner import checkpoint as mm
+    marker = tmp_path / 'ran'
+    torch.save({'state_dict': {}, 'x': payload(marker)}, tmp_path / 'evil.pth')
+    source = small_model('OREPA', 2)
+    torch.save({'state_dict': source.state_dict()}, tmp_path / 'good.pth')
+
+    class LocalBackend:
+        def get(self, path):
+            return (tmp_path / path.rsplit('/', 1)[1]).read_bytes()
+
+    monkeypatch.setattr(mmengine.fileio, 'get_file_backend', lambda path: LocalBackend())
+    for path in ('s3://bucket/evil.pth', 'cluster1:s3://bucket/evil.pth',
+                 'petrel://bucket/evil.pth'):
+        assert mm.CheckpointLoader._get_checkpoint_loader(path).__name__ == \
+            'load_from_mmreparam_safe'
+        with pytest.raises(UnsafeCheckpointError):
+            mm.load_checkpoint(torch.nn.Conv2d(1, 1, 1), path)
+        with pytest.raises(UnsafeCheckpointError):
+            convert_checkpoint(ResNet(reparam='OREPA', **SMALL), path)
+    assert not marker.exists()
+    model = small_model('OREPA', 3)
+    mm.load_checkpoint(model, 's3://bucket/good.pth', map_location='cpu')
+    assert same_state(model.state_dict(), source.state_dict())
+
+
 def test_download_failure_is_one_checkpoint_error(http_root, hub_dir):
     _, base = http_root
     with pytest.raises(CheckpointError, match='cannot download checkpoint .*missing.pth'):
