@@ -177,7 +177,7 @@ def bench_fold(s: BenchmarkSettings) -> Report:
     models = {f'ResNet-50 {r}': (lambda r=r: resnet50(r)) for r in REPARAM_TYPES}
     models.update({f'RepVGG-A0 {r}': (lambda r=r: RepVGG('A0', reparam=r))
                    for r in RepVGG.block_types})
-    rows = {}
+    rows, notes = {}, []
     for name, make in models.items():
         log(f'fold: {name}')
         torch.manual_seed(0)
@@ -193,14 +193,13 @@ def bench_fold(s: BenchmarkSettings) -> Report:
             osp.join(s.config_dir, 'mmdet', 'mask-rcnn_orepa-r50_fpn_1x_coco.py'))
         rows['Mask R-CNN OREPA-R50 (whole model, deep copy included)'] = dict(
             seconds=seconds, fp32=None, fp64=None)
+        notes.append('The whole-detector row is timed only: its re-parameterized part is the '
+                     'OREPA ResNet-50 whose error is measured above.')
     table = Table('Fold time and exactness', ['model', 'fold time (s)', 'max rel error fp32',
-                                              'max rel error fp64'])
+                                              'max rel error fp64'], notes=notes)
     for name, r in rows.items():
         table.add(name, f'{r["seconds"]:.3f}',
                   *('-' if r[k] is None else f'{r[k]:.1e}' for k in ('fp32', 'fp64')))
-    if any(r['fp32'] is None for r in rows.values()):
-        table.notes = ['The whole-detector row is timed only: its re-parameterized part is the '
-                       'OREPA ResNet-50 whose error is measured above.']
     return Report([table], data=rows)
 
 

@@ -142,7 +142,8 @@ def load_from_mmreparam_safe(filename: str, map_location: Any = None) -> object:
 
 def register_safe_loaders() -> None:
     """Read every checkpoint mmengine's ``CheckpointLoader`` loads through
-    :func:`read_checkpoint`: local files, ``http(s)://`` URLs and the model-zoo names.
+    :func:`read_checkpoint`: local files, ``http(s)://`` URLs, the model-zoo names and
+    ``s3://`` / ``petrel://`` paths.
 
     mmengine unpickles URLs with ``torch.hub.load_state_dict_from_url``, whose
     ``weights_only`` defaults to False, and ``s3://`` / ``petrel://`` files with a plain
