@@ -11,7 +11,8 @@ runs code). Downloads go to torch hub's cache (``torch.hub.get_dir()/checkpoints
 is refused is removed from the cache.
 
 :func:`register_safe_loaders` (run when mmreparam is imported) makes mmengine's
-``CheckpointLoader`` read local files, URLs and model-zoo names the same way, so that
+``CheckpointLoader`` read local files, URLs, model-zoo names and ``s3://`` / ``petrel://``
+paths the same way, so that
 ``load_from``, ``--resume``, ``tools/test.py CONFIG CKPT`` and mmengine's own
 ``Pretrained`` init are safe too.
 """

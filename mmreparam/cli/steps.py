@@ -1,5 +1,6 @@
 """Multi-step tools (``tools/demo.py``, ``tools/quant_report.py``): each step runs another
-tool in a subprocess, keeps its whole log in a file and shows only its progress lines."""
+tool in a subprocess (:func:`run_step`) or in this process (:func:`output_to`), keeps its
+whole log in a file and shows only its progress lines."""
 import contextlib
 import logging
 import os

@@ -128,7 +128,7 @@ def block_type_of_state(keys) -> Optional[Type['ReparamBlock']]:
 
 
 class Foldable(ABC):
-    """The fold protocol of mmreparam's self-folding modules (:func:`~.foreign.fold_tree`
+    """The fold protocol of mmreparam's self-folding modules (:func:`~.foreign.fold_module`
     folds what follows it).
 
     ``fold()`` turns the module into its deploy form in place and returns it; it is

@@ -296,7 +296,7 @@ def fold_module(module: nn.Module, path: str = '',
     """Fold ``module`` and everything in it, top-down.
 
     An mmreparam module that follows the :class:`Foldable` protocol (every
-    :class:`ReparamBlock`, :class:`~mmreparam.models.layers.RepMLPBlock`) folds itself (its
+    :class:`~.base.ReparamBlock`, :class:`~mmreparam.models.layers.RepMLPBlock`) folds itself (its
     branches go away with it). Another library's module with a fold method of
     :data:`FOREIGN_FOLDS` is asked to fold itself, unless its markers say it is
     already in deploy form (:func:`foreign_deploy_state`); a ``fuse()``-style

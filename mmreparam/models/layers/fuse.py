@@ -40,7 +40,9 @@ def bn_scale_shift(bn: _BatchNorm, bias: Optional[Tensor] = None,
 
     ``scale = gamma / std`` and ``shift = beta - (mean - bias) * scale`` with
     ``std = sqrt(running_var + eps)``; a non-affine BN has ``gamma = 1``, ``beta = 0``. Works
-    for any ``_BatchNorm`` (BN, SyncBN, ...). Every fold of a BN goes through this function.
+    for any ``_BatchNorm`` (BN, SyncBN, ...). Every fold of a BN computes this one formula
+    (``_scale_shift``): here for a BN module, in :meth:`Affine.fold_into` for a branch's BN
+    kept as its statistics.
 
     Args:
         bn (_BatchNorm): The BatchNorm.

@@ -71,8 +71,9 @@ class SELayer(BaseModule):
         if squeeze_channels is None:
             squeeze_channels = make_divisible(channels // ratio, divisor)
         if not isinstance(squeeze_channels, int) or squeeze_channels < self._min_squeeze:
-            raise ValueError(f'SE squeeze_channels must be a positive int, got '
-                             f'{squeeze_channels!r}')
+            wanted = ('a positive int' if self._min_squeeze == 1
+                      else f'an int of at least {self._min_squeeze}')
+            raise ValueError(f'SE squeeze_channels must be {wanted}, got {squeeze_channels!r}')
         if bias not in ('auto', True, False):
             raise ValueError(f"se_cfg bias must be 'auto', True or False, got {bias!r}")
         bias = True if bias == 'auto' else bias
