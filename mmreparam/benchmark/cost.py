@@ -2,7 +2,6 @@
 ``reparam`` (names of :data:`~mmreparam.models.layers.factory.REPARAM_TYPES`)."""
 import json
 import os.path as osp
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -12,7 +11,7 @@ import torch
 
 from .report import Report, Table, fmt_time
 from .settings import WORKLOADS, BenchmarkSettings
-from .timing import log, rss_bytes, timed
+from .timing import log, rss_bytes, summary, timed
 
 GiB = 2**30
 
@@ -119,8 +118,7 @@ def bench_train(s: BenchmarkSettings) -> Report:
         for reparam, results in steps.items():
             times = [t for r in results for t in r['times']]
             rows[(workload, reparam)] = dict(
-                median=statistics.median(times), min=min(times), max=max(times),
-                peak_memory=max(r['peak_memory'] for r in results),
+                summary(times), peak_memory=max(r['peak_memory'] for r in results),
                 params=results[0]['params'])
     amp = ', forward under bfloat16 autocast' if s.amp == 'bf16' else ''
     table = Table(f'Training step of ResNet-50 (forward + backward + SGD momentum{amp})',

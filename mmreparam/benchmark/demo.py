@@ -2,22 +2,16 @@
 of a trained model and its fold, and the results table."""
 import copy
 import os.path as osp
-import statistics
-import time
 
 import torch
+
+from .timing import timed
 
 
 def latency(model: torch.nn.Module, inputs: dict, repeats: int = 10) -> float:
     """Median seconds of one forward (eval, no grad) after two warm-up runs."""
-    times = []
     with torch.inference_mode():
-        for i in range(repeats + 2):
-            start = time.perf_counter()
-            model(**inputs)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return timed(lambda: model(**inputs), repeats, warmup=2, device='cpu')['median']
 
 
 def measure(config: str, checkpoint: str, int8_dir: str, root: str, calib_images: int,

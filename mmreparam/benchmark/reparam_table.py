@@ -23,8 +23,6 @@ type, :func:`mmreparam.reparameterize` and :func:`mmreparam.fold` are run and me
   both see the same machine load) and the medians of ``steps`` steps each are divided.
 """
 import copy
-import statistics
-import time
 
 import torch
 from mmengine.registry import MODELS
@@ -32,6 +30,7 @@ from mmengine.registry import MODELS
 from ..apis import fold, reparameterize
 from ..models.layers import ReparamBlock
 from ..testing import randomize_bn, randomize_parameters
+from .timing import interleaved
 
 REPARAMS = ('OREPA', 'DBB', 'ACB', 'RepVGG')
 
@@ -95,27 +94,26 @@ def max_rel(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
                for p, q in zip(out_a, out_b))
 
 
-def train_step(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """One forward and backward pass; returns its time in seconds."""
-    start = time.perf_counter()
+def train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """One forward and backward pass."""
     loss = sum(o.float().square().mean() for o in outputs(model, x))
     loss.backward()
-    return time.perf_counter() - start
 
 
 def step_ratio(plain: torch.nn.Module, rep: torch.nn.Module, x: torch.Tensor,
                steps: int) -> float:
-    """Median training-step time of ``rep`` over that of ``plain``, their steps alternating."""
-    times = {id(plain): [], id(rep): []}
+    """Median training-step time of ``rep`` over that of ``plain``, their steps alternating
+    (:func:`~.timing.interleaved`, one warm-up step each)."""
+    def step(model):
+        def run():
+            train_step(model, x)
+            model.zero_grad(set_to_none=True)
+        return run
+
     for model in (plain, rep):
         model.train()
-    for i in range(steps + 1):
-        for model in ((plain, rep) if i % 2 else (rep, plain)):
-            elapsed = train_step(model, x)
-            if i:  # the first step of each warms up
-                times[id(model)].append(elapsed)
-            model.zero_grad(set_to_none=True)
-    return statistics.median(times[id(rep)]) / statistics.median(times[id(plain)])
+    times = interleaved(dict(plain=step(plain), rep=step(rep)), steps, warmup=1, device='cpu')
+    return times['rep']['median'] / times['plain']['median']
 
 
 def block_grads(rep: torch.nn.Module, x: torch.Tensor) -> str:

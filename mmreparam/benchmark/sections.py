@@ -8,26 +8,15 @@ without a change here.
 import contextlib
 import copy
 import os.path as osp
-import statistics
 import time
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Sequence
 
 import torch
 
 from .cost import bench_launches, bench_ops, bench_train, resnet50
 from .report import Report, Table, fmt_time
 from .settings import BenchmarkSettings
-from .timing import interleaved, log, sync
-
-
-def _ratio_table(title: str, first: Tuple[str, dict], second: Tuple[str, dict],
-                 note: str) -> Table:
-    """Two implementations, the second's time as a ratio to the first's."""
-    table = Table(title, ['implementation', 's', 'ratio'], notes=[note])
-    table.add(first[0], fmt_time(first[1]), '1.00x')
-    table.add(second[0], fmt_time(second[1]),
-              f'{second[1]["median"] / first[1]["median"]:.2f}x')
-    return table
+from .timing import interleaved, log, sync, timed
 
 
 def bench_kernel(s: BenchmarkSettings) -> Report:
@@ -71,17 +60,18 @@ def bench_kernel(s: BenchmarkSettings) -> Report:
     err = max(((lit - k).abs().max() / k.abs().max()).item() for lit, k in kernels)
     batch_err = max(((a - b).abs().max() / a.abs().max()).item()
                     for a, b in zip(per_layer, batched))
+    literal = 'literal paper equations (one einsum per branch)'
     tables = [
-        _ratio_table(f'OREPA-R50 kernel generation of all its {len(generators)} generators '
-                     '(forward + backward)',
-                     ('per layer', gen_stats['per_layer']),
-                     ('batched by shape', gen_stats['batched']),
-                     f'Max relative difference of the kernels: {batch_err:.1e}.'),
-        _ratio_table(f'OREPA-R50 kernel generation of its {len(blocks)} OREPA 3x3 blocks '
-                     '(forward + backward)',
-                     ('literal paper equations (one einsum per branch)', stats['literal']),
-                     ('mmreparam', stats['ours']),
-                     f'Max relative difference of the generated kernels: {err:.1e}.')]
+        _relative_table(f'OREPA-R50 kernel generation of all its {len(generators)} generators '
+                        '(forward + backward)', ['implementation', 's', 'ratio'],
+                        {'per layer': gen_stats['per_layer'],
+                         'batched by shape': gen_stats['batched']}, 'per layer',
+                        notes=[f'Max relative difference of the kernels: {batch_err:.1e}.']),
+        _relative_table(f'OREPA-R50 kernel generation of its {len(blocks)} OREPA 3x3 blocks '
+                        '(forward + backward)', ['implementation', 's', 'ratio'],
+                        {literal: stats['literal'], 'mmreparam': stats['ours']}, literal,
+                        notes=['Max relative difference of the generated kernels: '
+                               f'{err:.1e}.'])]
     return Report(tables, data=dict(stats, **gen_stats, max_rel_difference=err,
                                     batched_max_rel_difference=batch_err))
 
@@ -160,12 +150,7 @@ def _detector_fold_time(config: str) -> float:
     from ..apis import fold
     init_default_scope('mmdet')
     detector = MODELS.build(Config.fromfile(config).model).eval()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fold(detector)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed(lambda: fold(detector), repeats=3, warmup=0, device='cpu')['median']
 
 
 def bench_fold(s: BenchmarkSettings) -> Report:

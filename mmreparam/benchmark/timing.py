@@ -26,7 +26,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _stats(times) -> dict:
+def summary(times) -> dict:
+    """``median``, ``min`` and ``max`` of a list of seconds."""
     return dict(median=statistics.median(times), min=min(times), max=max(times))
 
 
@@ -51,7 +52,7 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int, device: str) -> d
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return dict(_stats(times), samples=times)
+    return dict(summary(times), samples=times)
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int,
@@ -80,7 +81,7 @@ def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int,
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {n: _stats(t) for n, t in times.items()}
+    return {n: summary(t) for n, t in times.items()}
 
 
 def rss_bytes(field: str = 'VmRSS') -> int:
@@ -96,4 +97,4 @@ def rss_bytes(field: str = 'VmRSS') -> int:
     raise RuntimeError(f'{field} not in /proc/self/status')
 
 
-__all__ = ['log', 'device_name', 'sync', 'timed', 'interleaved', 'rss_bytes']
+__all__ = ['log', 'device_name', 'sync', 'summary', 'timed', 'interleaved', 'rss_bytes']
